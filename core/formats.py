@@ -1,0 +1,412 @@
+"""Identity files: write our .safetensors and the A1111 .pt, read every embedding layout of METHODS.md 5.4."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .files import atomic_write
+from .identity import ENCODER_KEYS, WIDTH_TO_ENCODER, Identity, IdentityError
+
+SUPPORTED_SUFFIXES = (".safetensors", ".pt", ".bin")
+METADATA_PREFIX = "identity_tokens."
+SINGLE_ENCODERS = ("clip_l", "clip_h")
+SDXL_ENCODERS = ("clip_g", "clip_l")
+A1111_PLACEHOLDER_ID = 265
+
+# The only classes beyond torch's weights_only defaults that a .pt may reference: rinongal's ParameterDict.
+SAFE_PICKLE_CLASSES: tuple[type, ...] = (torch.nn.ParameterDict,)
+
+_CROSS_INIT_KEY = re.compile(r"^(?P<stem>.+)_v(?P<index>\d+)$")
+_REFUSAL_MARKERS = ("was not an allowed global", "is blocked", "unrecognized function", "Can only create", "Can only build")
+_LAYOUT_HELP = (
+    "expected one of: {'<token>': tensor} (diffusers), {'string_to_param': {'*': tensor}} (A1111/rinongal), "
+    "{'<t>_v0': ..., '<t>_v1': ...} (Cross-Initialization), {'clip_l': ..., 'clip_g': ...} (SDXL)"
+)
+
+
+class _Parsed(NamedTuple):
+    """Rows, metadata and layout name read from one file, before they become an Identity."""
+
+    rows: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    layout: str
+
+
+# ---------------------------------------------------------------- writing
+
+
+def save_identity(identity: Identity, path: Path, *, token: str, overwrite: bool = False) -> Path:
+    """Write `identity` as a .safetensors that A1111, diffusers and ComfyUI load unchanged (METHODS.md 5.5)."""
+    path = Path(path)
+    _require_suffix(path, ".safetensors")
+    token = _check_name(token, "token", path)
+    tensors = _file_tensors(identity, token, path)
+    metadata = {"format": "pt"}
+    metadata.update({METADATA_PREFIX + key: value for key, value in identity.metadata.items()})
+    metadata[METADATA_PREFIX + "encoders"] = ",".join(identity.encoders)
+    metadata[METADATA_PREFIX + "token"] = token
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+    return atomic_write(path, write, overwrite)
+
+
+def save_a1111_pt(identity: Identity, path: Path, *, name: str, overwrite: bool = False) -> Path:
+    """Write the legacy A1111 .pt (plain dicts only, so `torch.load(weights_only=True)` reads it)."""
+    path = Path(path)
+    _require_suffix(path, ".pt")
+    name = _check_name(name, "name", path)
+    if set(identity.encoders) == set(SDXL_ENCODERS):
+        raise IdentityError(
+            f"output {path}: the A1111 .pt layout cannot hold two encoders (clip_l and clip_g); "
+            "save this SDXL identity as .safetensors instead"
+        )
+    rows = _single_encoder_rows(identity, path)
+    data = {
+        "string_to_token": {"*": A1111_PLACEHOLDER_ID},
+        "string_to_param": {"*": rows},
+        "name": name,
+        "step": _int_or_zero(identity.metadata.get("steps", "0")),
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": None,
+    }
+
+    def write(tmp: Path) -> None:
+        torch.save(data, tmp)
+
+    return atomic_write(path, write, overwrite)
+
+
+def _require_suffix(path: Path, suffix: str) -> None:
+    """Refuse an output name whose extension the loaders would not read back as this layout."""
+    if path.suffix.lower() != suffix:
+        raise IdentityError(f"output {path}: this layout is written as a {suffix} file; name it like '{path.stem}{suffix}'")
+
+
+def _check_name(value: str, what: str, path: Path) -> str:
+    """A non-empty token or name without whitespace."""
+    if not isinstance(value, str) or not value.strip() or any(ch.isspace() for ch in value):
+        raise IdentityError(f"output {path}: {what} {value!r} must be a non-empty word without spaces, e.g. '<alice>'")
+    return value
+
+
+def _file_tensors(identity: Identity, token: str, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors to store: one under the token for SD1/SD2, or clip_l and clip_g for SDXL."""
+    if set(identity.encoders) == set(SDXL_ENCODERS):
+        return {key: _clean(identity.rows[key]) for key in SDXL_ENCODERS}
+    return {token: _single_encoder_rows(identity, path)}
+
+
+def _single_encoder_rows(identity: Identity, path: Path) -> torch.Tensor:
+    """The rows of a one-encoder (clip_l or clip_h) identity, or IdentityError for other encoder sets."""
+    if len(identity.encoders) != 1 or identity.encoders[0] not in SINGLE_ENCODERS:
+        raise IdentityError(
+            f"output {path}: cannot save an identity with encoders {', '.join(identity.encoders)}; "
+            "supported are one of clip_l or clip_h (SD1/SD2), or clip_l with clip_g (SDXL)"
+        )
+    return _clean(identity.rows[identity.encoders[0]])
+
+
+def _clean(rows: torch.Tensor) -> torch.Tensor:
+    """A detached, contiguous float32 CPU copy that owns its storage (so a view never drags a big table along)."""
+    return rows.detach().to("cpu", torch.float32).contiguous().clone()
+
+
+def _int_or_zero(value: str) -> int:
+    """Parse a step count from metadata text, 0 if it is not a number."""
+    try:
+        return int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_identity(path: Path) -> Identity:
+    """Read an identity from any supported embedding file (.safetensors, .pt, .bin)."""
+    identity, _layout = _load(Path(path))
+    return identity
+
+
+def describe_identity_file(path: Path) -> dict[str, object]:
+    """Summarise an identity file for `inspect`: layout, encoders, token count, widths, row norms, metadata, size."""
+    path = Path(path)
+    identity, layout = _load(path)
+    return {
+        "path": str(path),
+        "layout": layout,
+        "encoders": list(identity.encoders),
+        "n_tokens": identity.n_tokens,
+        "widths": {key: int(identity.rows[key].shape[1]) for key in identity.encoders},
+        "row_norms": {key: [float(x) for x in identity.rows[key].norm(dim=1)] for key in identity.encoders},
+        "metadata": dict(identity.metadata),
+        "file_size": path.stat().st_size,
+    }
+
+
+def _load(path: Path) -> tuple[Identity, str]:
+    """Read and check a file; return the identity and the name of the layout it was stored in."""
+    path = path.expanduser()
+    if not path.exists():
+        raise IdentityError(f"identity file {path}: not found; check the path and the file name")
+    if path.is_dir():
+        raise IdentityError(f"identity file {path}: is a folder; give the embedding file inside it")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        parsed = _read_safetensors(path)
+    elif suffix in (".pt", ".bin"):
+        parsed = _parse_object(path, _torch_load(path))
+    else:
+        raise IdentityError(
+            f"identity file {path}: unknown extension '{path.suffix}'; supported are {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    try:
+        identity = Identity(parsed.rows, parsed.metadata)
+    except IdentityError as error:
+        raise IdentityError(f"identity file {path}: {error}") from error
+    return identity, parsed.layout
+
+
+def _read_safetensors(path: Path) -> _Parsed:
+    """Read a .safetensors: our own file (by its metadata) or a foreign tensor dict."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            names = list(handle.keys())
+            tensors = {key: handle.get_tensor(key) for key in names}
+    except Exception as error:  # safetensors raises its own error types for bad headers and truncation
+        raise IdentityError(
+            f"identity file {path}: cannot be read as safetensors ({_short(error)}); "
+            "the file is corrupt or truncated, export or download it again"
+        ) from error
+    if METADATA_PREFIX + "encoders" in metadata:
+        return _parse_own(path, tensors, metadata)
+    return _parse_object(path, tensors)
+
+
+def _parse_own(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> _Parsed:
+    """Read a file written by save_identity: the encoder keys and provenance come from its metadata."""
+    encoders = [key.strip() for key in metadata[METADATA_PREFIX + "encoders"].split(",") if key.strip()]
+    unknown = [key for key in encoders if key not in ENCODER_KEYS]
+    if not encoders or unknown:
+        raise IdentityError(
+            f"identity file {path}: its metadata names encoders {encoders}; expected some of {', '.join(ENCODER_KEYS)}. "
+            "The file was edited or damaged; save it again"
+        )
+    if len(encoders) == 1:
+        if len(tensors) != 1:
+            raise IdentityError(
+                f"identity file {path}: its metadata says one encoder but it holds tensors {_key_list(tensors)}; "
+                "the file was edited or damaged, save it again"
+            )
+        ((key, value),) = tensors.items()
+        rows = {encoders[0]: _as_rows(path, key, value)}
+    else:
+        if set(tensors) != set(encoders):
+            raise IdentityError(
+                f"identity file {path}: its metadata names encoders {encoders} but it holds tensors "
+                f"{_key_list(tensors)}; the file was edited or damaged, save it again"
+            )
+        rows = {key: _as_rows(path, key, tensors[key]) for key in encoders}
+    own = {
+        key[len(METADATA_PREFIX) :]: value
+        for key, value in metadata.items()
+        if key.startswith(METADATA_PREFIX) and key != METADATA_PREFIX + "encoders"
+    }
+    return _Parsed(rows, own, "identity_tokens")
+
+
+def _torch_load(path: Path) -> object:
+    """torch.load with weights_only=True; a retry allowlists only torch's ParameterDict for rinongal files."""
+    try:
+        return _weights_only_load(path)
+    except pickle.UnpicklingError as error:
+        if not _is_refusal(error):
+            raise _unreadable(path, error) from error
+    except Exception as error:
+        raise _unreadable(path, error) from error
+    try:
+        with torch.serialization.safe_globals(list(SAFE_PICKLE_CLASSES)):
+            return _weights_only_load(path)
+    except pickle.UnpicklingError as error:
+        if _is_refusal(error):
+            raise IdentityError(
+                f"identity file {path}: refused; its pickle asks for Python code that is not tensor data "
+                f"({_refused_global(error)}), and nothing in it was run. Use a .safetensors embedding, or re-export "
+                "the file from a tool you trust"
+            ) from None
+        raise _unreadable(path, error) from error
+    except Exception as error:
+        raise _unreadable(path, error) from error
+
+
+def _weights_only_load(path: Path) -> object:
+    """The one place a pickle is read: torch's restricted weights_only unpickler, on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _is_refusal(error: Exception) -> bool:
+    """Whether torch's weights_only unpickler refused a global (as opposed to finding garbage)."""
+    text = str(error)
+    return any(marker in text for marker in _REFUSAL_MARKERS)
+
+
+def _refused_global(error: Exception) -> str:
+    """The global a refused pickle asked for, as named in torch's message."""
+    match = re.search(r"GLOBAL (\S+)", str(error)) or re.search(r"function (\S+)", str(error))
+    return match.group(1) if match else "an object outside the allowlist"
+
+
+def _unreadable(path: Path, error: Exception) -> IdentityError:
+    """The error for a .pt/.bin that torch cannot read at all."""
+    return IdentityError(
+        f"identity file {path}: cannot be read ({_short(error)}); it is corrupt, truncated or not a PyTorch "
+        "embedding file, export or download it again"
+    )
+
+
+def _parse_object(path: Path, data: object) -> _Parsed:
+    """Recognise a loaded object's layout, in the order A1111 checks them, and take its rows."""
+    if isinstance(data, torch.Tensor):
+        rows = _as_rows(path, "tensor", data)
+        return _Parsed({_guess_encoder(rows): rows}, {"source_layout": "tensor"}, "tensor")
+    if not isinstance(data, Mapping):
+        raise IdentityError(
+            f"identity file {path}: holds a {type(data).__name__}, not a dict of tensors; it is not an embedding file"
+        )
+    if not data:
+        raise IdentityError(f"identity file {path}: holds no tensors (empty dict); export the embedding again")
+    if "string_to_param" in data:
+        return _parse_string_to_param(path, data)
+    keys = set(data)
+    if keys == set(SDXL_ENCODERS):
+        rows = {key: _as_rows(path, key, data[key]) for key in SDXL_ENCODERS}
+        return _Parsed(rows, {"source_layout": "sdxl"}, "sdxl")
+    if len(data) == 1:
+        ((key, value),) = data.items()
+        rows = _as_rows(path, str(key), value)
+        if key in ENCODER_KEYS:
+            return _Parsed({str(key): rows}, {"source_layout": "diffusers"}, "diffusers")
+        return _Parsed({_guess_encoder(rows): rows}, {"source_layout": "diffusers", "token": str(key)}, "diffusers")
+    cross_init = _parse_cross_init(path, data)
+    if cross_init is not None:
+        return cross_init
+    raise IdentityError(f"identity file {path}: unrecognised layout with keys {_key_list(data)}; {_LAYOUT_HELP}")
+
+
+def _parse_string_to_param(path: Path, data: Mapping) -> _Parsed:
+    """A1111 plain dicts, or rinongal's pickled ParameterDict: exactly one entry under string_to_param."""
+    holder = data["string_to_param"]
+    if isinstance(holder, torch.nn.ParameterDict):
+        params, layout = vars(holder).get("_parameters"), "rinongal"
+    else:
+        params, layout = holder, "a1111"
+    if not isinstance(params, Mapping):
+        raise IdentityError(
+            f"identity file {path}: 'string_to_param' is a {type(holder).__name__}, not a dict of tensors; "
+            "it is not an A1111 or textual-inversion embedding"
+        )
+    if len(params) != 1:
+        raise IdentityError(
+            f"identity file {path}: 'string_to_param' holds {len(params)} entries {_key_list(params)}; "
+            "exactly one is expected, split the file into one embedding per concept"
+        )
+    ((key, value),) = params.items()
+    rows = _as_rows(path, f"string_to_param/{key}", value)
+    metadata = {"source_layout": layout}
+    name = data.get("name")
+    if isinstance(name, str) and name:
+        metadata["name"] = name
+    step = data.get("step")
+    if isinstance(step, int) and not isinstance(step, bool):
+        metadata["steps"] = str(step)
+    for extra in ("sd_checkpoint", "sd_checkpoint_name"):
+        if isinstance(data.get(extra), str) and data[extra]:
+            metadata[extra] = data[extra]
+    return _Parsed({_guess_encoder(rows): rows}, metadata, layout)
+
+
+def _parse_cross_init(path: Path, data: Mapping) -> _Parsed | None:
+    """Cross-Initialization's one-key-per-vector dict {'<t>_v0': (d,), ...}, stacked by vector index; None if not it."""
+    indexed: dict[int, tuple[str, object]] = {}
+    stems = set()
+    for key, value in data.items():
+        match = _CROSS_INIT_KEY.match(key) if isinstance(key, str) else None
+        if match is None:
+            return None
+        stems.add(match.group("stem"))
+        index = int(match.group("index"))
+        if index in indexed:
+            raise IdentityError(
+                f"identity file {path}: keys '{indexed[index][0]}' and '{key}' both claim vector {index}; "
+                "keep one of them and save the file again"
+            )
+        indexed[index] = (key, value)
+    if len(stems) != 1:
+        return None
+    parts = [_as_rows(path, key, value) for _index, (key, value) in sorted(indexed.items())]
+    widths = {int(part.shape[1]) for part in parts}
+    if len(widths) != 1:
+        raise IdentityError(
+            f"identity file {path}: its vectors have different widths {sorted(widths)}; the file mixes two models"
+        )
+    rows = torch.cat(parts, dim=0)
+    return _Parsed({_guess_encoder(rows): rows}, {"source_layout": "cross_init_bin", "token": stems.pop()}, "cross_init_bin")
+
+
+def _as_rows(path: Path, key: str, value: object) -> torch.Tensor:
+    """Check one stored value and return it as finite float32 rows of shape (n, d)."""
+    if not isinstance(value, torch.Tensor):
+        raise IdentityError(
+            f"identity file {path}: the value under '{key}' is a {type(value).__name__}, not a tensor; "
+            "it is not an embedding file"
+        )
+    if not value.is_floating_point():
+        raise IdentityError(
+            f"identity file {path}: tensor '{key}' holds {value.dtype} values, not floats; it is not an embedding"
+        )
+    if value.ndim == 1:
+        value = value.unsqueeze(0)
+    if value.ndim != 2 or value.numel() == 0:
+        raise IdentityError(
+            f"identity file {path}: tensor '{key}' has shape {tuple(value.shape)}; expected (n_tokens, width) or (width,)"
+        )
+    rows = value.detach().to("cpu", torch.float32).contiguous()
+    if not bool(torch.isfinite(rows).all()):
+        raise IdentityError(
+            f"identity file {path}: tensor '{key}' contains NaN or infinite values; training diverged, "
+            "retrain or use an earlier checkpoint"
+        )
+    return rows
+
+
+def _guess_encoder(rows: torch.Tensor) -> str:
+    """The encoder of a lone tensor, from its width; clip_l when the width is not a known model's."""
+    return WIDTH_TO_ENCODER.get(int(rows.shape[1]), "clip_l")
+
+
+def _key_list(data: Mapping) -> str:
+    """The keys of a dict for a message, shortened when there are many."""
+    keys = [str(key) for key in data]
+    shown = ", ".join(repr(key) for key in keys[:12])
+    return f"[{shown}{', ...' if len(keys) > 12 else ''}]"
+
+
+def _short(error: Exception) -> str:
+    """The gist of an exception for a user-facing message: its type and first meaningful line, trimmed."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    gist = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return gist if len(gist) <= 200 else gist[:197] + "..."

@@ -1,0 +1,243 @@
+"""Training images: find them, decode any common format to RGB, and stack them as a tensor."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import InputError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+MIN_SIDE = 64
+SAMPLE_PHOTO_NAME = "astronaut.png"
+
+_WHITE = (255, 255, 255)
+_TRANSPARENT_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def is_image_path(path: Path) -> bool:
+    """Whether the file name has one of the image extensions the loader takes (any case)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """The visible image files directly inside a folder, sorted by name."""
+    found = [
+        entry
+        for entry in folder.iterdir()
+        if not entry.name.startswith(".") and is_image_path(entry) and entry.is_file()
+    ]
+    return sorted(found, key=lambda entry: (entry.name.casefold(), entry.name))
+
+
+def list_image_paths(sources: Sequence[Path]) -> list[Path]:
+    """Expand folders and files into the list of image paths to train on."""
+    if isinstance(sources, (str, Path)):
+        sources = [Path(sources)]
+    if not sources:
+        raise InputError("images: no folder or image paths were given; pass a folder with .png/.jpg files or image paths")
+    paths: list[Path] = []
+    seen: set[Path] = set()
+    for source in (Path(s).expanduser() for s in sources):
+        if not source.exists():
+            raise InputError(f"images: {source} does not exist; check the folder or file path")
+        found = _folder_images(source) if source.is_dir() else [source]
+        for path in found:
+            key = path.resolve()
+            if key not in seen:
+                seen.add(key)
+                paths.append(path)
+    if not paths:
+        names = ", ".join(str(Path(s)) for s in sources)
+        raise InputError(f"images: found no images in {names}; pass a folder with .png/.jpg files or image paths")
+    return paths
+
+
+def _over_white(image: Image.Image) -> Image.Image:
+    """Composite an image with an alpha channel over a white background."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _gray_array_to_rgb(values: np.ndarray) -> Image.Image:
+    """Turn a 2-D array already scaled to 0..255 into an RGB image."""
+    gray = np.clip(np.rint(np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
+    """Scale a 16-bit grayscale image (0..65535) to 8 bits."""
+    values = np.asarray(image).astype(np.float64)
+    return _gray_array_to_rgb(values / 257.0)
+
+
+def _int32_to_rgb(image: Image.Image) -> Image.Image:
+    """Scale a 32-bit integer image to 8 bits: 8-bit and 16-bit ranges kept, anything wider stretched."""
+    values = np.asarray(image).astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if low >= 0 and high <= 255:
+        return _gray_array_to_rgb(values)
+    if low >= 0 and high <= 65535:
+        return _gray_array_to_rgb(values / 257.0)
+    low = min(low, 0.0)
+    return _gray_array_to_rgb((values - low) * (255.0 / max(high - low, 1.0)))
+
+
+def _float_to_rgb(image: Image.Image) -> Image.Image:
+    """Scale a 32-bit float image to 8 bits: 0..1 and 0..255 ranges kept, anything else stretched."""
+    values = np.asarray(image).astype(np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return _gray_array_to_rgb(np.zeros_like(values))
+    low, high = float(finite.min()), float(finite.max())
+    if low >= 0 and high <= 1.0:
+        return _gray_array_to_rgb(values * 255.0)
+    if low >= 0 and high <= 255.0:
+        return _gray_array_to_rgb(values)
+    return _gray_array_to_rgb((values - low) * (255.0 / max(high - low, 1e-12)))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a decoded image of any Pillow mode to 8-bit RGB (transparency becomes white)."""
+    mode = image.mode
+    if mode in _TRANSPARENT_MODES or (mode in {"P", "L", "RGB"} and "transparency" in image.info):
+        return _over_white(image)
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_rgb(image)
+    if mode == "I":
+        return _int32_to_rgb(image)
+    if mode == "F":
+        return _float_to_rgb(image)
+    return image.convert("RGB")
+
+
+def load_image(path: Path) -> Image.Image:
+    """Read one image file fully, upright (EXIF) and as 8-bit RGB; bad or tiny files raise InputError."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"images: {path} does not exist; check the file path")
+    unreadable = f"images: cannot read {path} (truncated or not an image); re-export it as PNG or JPEG"
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            upright = ImageOps.exif_transpose(opened)
+            image = to_rgb(upright)
+            image.load()
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"images: {path} has too many pixels to load safely; resize it below 8000 px a side") from exc
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, zlib/struct errors on bad data
+        raise InputError(unreadable) from exc
+    width, height = image.size
+    if min(width, height) < MIN_SIDE:
+        raise InputError(
+            f"images: {path} is {width}x{height} px; the shorter side must be at least {MIN_SIDE} px, "
+            "use a larger photo"
+        )
+    return image
+
+
+def check_resolution(resolution: int) -> int:
+    """Return the training resolution if it is a positive multiple of 8, else raise InputError."""
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)):
+        raise InputError(f"resolution: {resolution!r} is not a whole number; use a multiple of 8 such as 512 or 1024")
+    if resolution <= 0 or resolution % 8 != 0:
+        raise InputError(f"resolution: {resolution} is not a positive multiple of 8; use e.g. 512 or 1024")
+    return int(resolution)
+
+
+def resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize so the shorter side is `resolution` (bicubic), then center-crop to a square."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_width = max(resolution, round(width * scale))
+    new_height = max(resolution, round(height * scale))
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    left = (new_width - resolution) // 2
+    top = (new_height - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def images_to_tensor(images: Sequence[Image.Image], resolution: int) -> torch.Tensor:
+    """Stack images as a float32 (N, 3, R, R) tensor in [-1, 1], each resized and center-cropped."""
+    resolution = check_resolution(resolution)
+    if len(images) == 0:
+        raise InputError("images: the image list is empty; pass at least one photo")
+    arrays = [np.asarray(resize_and_crop(to_rgb(image), resolution), dtype=np.uint8) for image in images]
+    batch = np.stack(arrays).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+
+
+def load_training_images(sources: Sequence[Path], resolution: int) -> torch.Tensor:
+    """Load every image in the given folders/files as one (N, 3, R, R) tensor in [-1, 1]."""
+    resolution = check_resolution(resolution)
+    return images_to_tensor([load_image(path) for path in list_image_paths(sources)], resolution)
+
+
+def save_png_atomic(image: Image.Image, path: Path) -> Path:
+    """Write a PNG via a temp file in the same folder and os.replace, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            image.save(stream, format="PNG")
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _local_sample_photo(data_module: object) -> Path | None:
+    """The astronaut PNG already on disk: inside the installed scikit-image, or in its data cache."""
+    folders = [Path(str(getattr(data_module, "__file__", ""))).parent, Path(str(getattr(data_module, "data_dir", "")))]
+    for folder in folders:
+        candidate = folder / SAMPLE_PHOTO_NAME
+        if str(folder) not in ("", ".") and candidate.is_file():
+            return candidate
+    return None
+
+
+def _can_download() -> bool:
+    """Whether scikit-image could reach the network for missing data (it does so only through pooch)."""
+    try:
+        import pooch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def sample_photo_path(cache_dir: Path | None = None) -> Path:
+    """Path of scikit-image's public-domain NASA astronaut portrait (Eileen Collins), found offline, never downloaded."""
+    try:
+        import skimage.data
+    except ImportError as exc:
+        raise InputError("sample photo: scikit-image is not installed; run `pip install scikit-image`") from exc
+    bundled = _local_sample_photo(skimage.data)
+    if bundled is not None:
+        return bundled
+    folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "identity_tokens"
+    cached = folder / SAMPLE_PHOTO_NAME
+    if cached.is_file():
+        return cached
+    if _can_download():
+        raise InputError(
+            "sample photo: this scikit-image does not ship the astronaut image and would download it; "
+            "pass your own photo instead"
+        )
+    try:
+        pixels = np.asarray(skimage.data.astronaut(), dtype=np.uint8)
+    except Exception as exc:  # no bundled file and no downloader: skimage raises ModuleNotFoundError/OSError
+        raise InputError("sample photo: scikit-image has no astronaut image on disk; pass your own photo instead") from exc
+    return save_png_atomic(Image.fromarray(pixels), cached)

@@ -1,0 +1,108 @@
+"""The seams between the trainer and a model backend: text encoders, the denoiser, and the conditioning they share."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+SLOT = "{}"  # where identity rows go in a prompt given to TextEncoder.encode
+MAX_TOKENS = 77  # CLIP context: BOS + 75 prompt tokens + EOS
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+@dataclass
+class EncodedText:
+    """One text encoder's output for a batch of prompts."""
+
+    hidden: torch.Tensor  # (B, 77, width) at the model family's conditioning layer
+    pooled: torch.Tensor | None  # (B, P) projected pooled output where the family uses it (SDXL clip_g)
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser is conditioned on: cross-attention context and, for SDXL, the pooled vector."""
+
+    context: torch.Tensor  # (B, 77, D)
+    pooled: torch.Tensor | None = None
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """A CLIP text encoder that splices identity rows into its input embeddings, with gradients."""
+
+    key: str  # "clip_l", "clip_h" or "clip_g": the encoder's key in identity files
+    width: int  # input embedding width
+
+    def token_ids(self, text: str) -> list[int]:
+        """BPE ids of text, without BOS/EOS."""
+        ...
+
+    def in_vocabulary(self, word: str) -> bool:
+        """Whether word is already a single entry of the vocabulary (with or without the end-of-word mark)."""
+        ...
+
+    def token_table(self) -> torch.Tensor:
+        """The frozen input token-embedding table, (vocab, width)."""
+        ...
+
+    def special_ids(self) -> tuple[int, int, int]:
+        """(BOS, EOS, PAD) ids."""
+        ...
+
+    def encode(self, prompts: Sequence[str], rows: torch.Tensor | None) -> EncodedText:
+        """Encode prompts whose SLOT is replaced by the n rows (n, width); gradients flow to rows."""
+        ...
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """A latent diffusion denoiser with its VAE and noise schedule."""
+
+    prediction_type: str  # "epsilon" or "v_prediction"
+    num_train_timesteps: int
+    device: torch.device
+
+    def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled latent mean and std of images in [-1, 1], (N, 3, H, W) -> two (N, C, h, w)."""
+        ...
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t for integer timesteps under the model's schedule."""
+        ...
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The training target: the noise (epsilon) or the velocity (v-prediction)."""
+        ...
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The model's prediction for x_t at timesteps under the conditioning."""
+        ...
+
+
+@dataclass
+class Model:
+    """A loaded model: family, its text encoders in context order, and the denoiser."""
+
+    family: str
+    encoders: list[TextEncoder]
+    denoiser: Denoiser
+    name: str = ""
+
+    def encoder(self, key: str) -> TextEncoder:
+        """The text encoder with this identity key."""
+        for enc in self.encoders:
+            if enc.key == key:
+                return enc
+        raise KeyError(key)
+
+
+def condition(model: Model, prompts: Sequence[str], rows: Mapping[str, torch.Tensor] | None) -> Conditioning:
+    """Encode prompts with every encoder, identity rows spliced at SLOT, and join them as the family does."""
+    outputs = [enc.encode(prompts, None if rows is None else rows[enc.key]) for enc in model.encoders]
+    context = outputs[0].hidden if len(outputs) == 1 else torch.cat([o.hidden for o in outputs], dim=-1)
+    pooled = next((o.pooled for o in reversed(outputs) if o.pooled is not None), None)
+    return Conditioning(context=context, pooled=pooled)
