@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import secrets
+import struct
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,6 +124,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag; a broken EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, SyntaxError, struct.error):
+        return image.copy()  # malformed EXIF must not make a good photo unreadable
+
+
 def load_image(path: Path) -> Image.Image:
     """Read one image file fully, upright (EXIF) and as 8-bit RGB; bad or tiny files raise InputError."""
     path = Path(path)
@@ -130,11 +141,10 @@ def load_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as opened:
             opened.load()
-            upright = ImageOps.exif_transpose(opened)
-            image = to_rgb(upright)
+            image = to_rgb(_upright(opened))
             image.load()
     except Image.DecompressionBombError as exc:
-        raise InputError(f"images: {path} has too many pixels to load safely; resize it below 8000 px a side") from exc
+        raise InputError(f"images: {path} has too many pixels to load safely; resize it to a few thousand px a side") from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, zlib/struct errors on bad data
         raise InputError(unreadable) from exc
     width, height = image.size
@@ -188,13 +198,14 @@ def save_png_atomic(image: Image.Image, path: Path) -> Path:
     """Write a PNG via a temp file in the same folder and os.replace, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp's 0600
     try:
         with os.fdopen(handle, "wb") as stream:
             image.save(stream, format="PNG")
-        os.replace(temp_name, path)
+        os.replace(temp, path)
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
     return path
 
@@ -211,11 +222,7 @@ def _local_sample_photo(data_module: object) -> Path | None:
 
 def _can_download() -> bool:
     """Whether scikit-image could reach the network for missing data (it does so only through pooch)."""
-    try:
-        import pooch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("pooch") is not None
 
 
 def sample_photo_path(cache_dir: Path | None = None) -> Path:

@@ -37,15 +37,18 @@ def format_value(value: float) -> str:
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
-    """Trailing mean over the last `window` finite values at each step; NaN where the step itself is not finite."""
+    """Trailing mean over the finite values among the last `window` steps; NaN where the step itself is not finite."""
     window = max(1, int(window))
+    sums, counts = [0.0], [0]
+    for value in values:
+        finite = math.isfinite(value)
+        sums.append(sums[-1] + (value if finite else 0.0))
+        counts.append(counts[-1] + int(finite))
     result: list[float] = []
     for index, value in enumerate(values):
-        if not math.isfinite(value):
-            result.append(math.nan)
-            continue
-        recent = [v for v in values[max(0, index - window + 1) : index + 1] if math.isfinite(v)]
-        result.append(sum(recent) / len(recent))
+        start = max(0, index - window + 1)
+        count = counts[index + 1] - counts[start]
+        result.append((sums[index + 1] - sums[start]) / count if math.isfinite(value) else math.nan)
     return result
 
 

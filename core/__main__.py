@@ -1,0 +1,7 @@
+"""`python -m core`: the Identity Tokens command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

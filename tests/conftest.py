@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random-weight models of each family and small training images."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from core.protocols import Model  # noqa: E402
+from core.tiny import tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session", params=["sd1", "sd2", "sdxl"])
+def any_model(request: pytest.FixtureRequest) -> Model:
+    """A tiny model of each family in turn."""
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def sd1_model() -> Model:
+    """The tiny SD1 model."""
+    return tiny_model("sd1")
+
+
+@pytest.fixture()
+def images() -> torch.Tensor:
+    """Two 64 px images in [-1, 1] with some structure (gradients and a square)."""
+    ramp = torch.linspace(-1, 1, 64)
+    base = torch.stack([ramp.view(1, -1).expand(64, 64), ramp.view(-1, 1).expand(64, 64), -ramp.view(1, -1).expand(64, 64)])
+    second = base.clone()
+    second[:, 16:48, 16:48] = 0.8
+    return torch.stack([base, second])
