@@ -56,7 +56,7 @@ def _scheduler(prediction_type: str):  # noqa: ANN202 - diffusers type
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         num_train_timesteps=1000, prediction_type=prediction_type)
+                         num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False)
 
 
 def tiny_components(family: str, seed: int = 0) -> dict[str, object]:
