@@ -16,14 +16,27 @@ EXIT_INPUT, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     """Arguments of `train`."""
-    p = sub.add_parser("train", help="train an identity from photos", description=(
-        "Train an identity (a few token vectors) from photos of one subject and write it as a .safetensors "
-        "embedding that ComfyUI (embedding:NAME), A1111 and diffusers load. A loss-curve PNG is written beside it."))
-    p.add_argument("--images", nargs="+", required=True,
-                   help="image files or folders of them; 'sample' uses the bundled public-domain astronaut photo")
+    p = sub.add_parser(
+        "train",
+        help="train an identity from photos",
+        description=(
+            "Train an identity (a few token vectors) from photos of one subject and write it as a .safetensors "
+            "embedding that ComfyUI (embedding:NAME), A1111 and diffusers load. A loss-curve PNG is written beside it."
+        ),
+    )
+    p.add_argument(
+        "--images",
+        nargs="+",
+        required=True,
+        help="image files or folders of them; 'sample' uses the bundled public-domain astronaut photo",
+    )
     p.add_argument("--out", required=True, type=Path, help="output file, e.g. out/alice.safetensors")
-    p.add_argument("--model", default="tiny", help="'tiny' (random weights, learns nothing pictorial), "
-                   "tiny-sd2, tiny-sdxl, a diffusers folder, or a .safetensors checkpoint")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (random weights, learns nothing pictorial), "
+        "tiny-sd2, tiny-sdxl, a diffusers folder, or a .safetensors checkpoint",
+    )
     p.add_argument("--preset", default="cross_init", choices=sorted(PRESETS), help="method and its reference defaults")
     p.add_argument("--token", help="placeholder name stored in the file (default: <file stem>)")
     p.add_argument("--steps", type=int, help="optimisation steps (preset default)")
@@ -64,7 +77,9 @@ def _output_paths(args: argparse.Namespace) -> dict[str, Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InputError(f"--out: cannot create folder {out.parent} ({error.strerror}); choose a writable folder") from None
+        raise InputError(
+            f"--out: cannot create folder {out.parent} ({error.strerror}); choose a writable folder"
+        ) from None
     paths = {"identity": out, "curve": out.with_suffix(".loss.png")}
     if args.legacy_pt:
         paths["legacy"] = out.with_suffix(".pt")
@@ -93,7 +108,9 @@ def _save(result: TrainResult, args: argparse.Namespace, paths: dict[str, Path],
     loss_curve_png(result.losses, paths["curve"], title=title)
     written.append(paths["curve"])
     if "legacy" in paths and not result.stopped:
-        written.append(save_a1111_pt(result.identity, paths["legacy"], name=token.strip("<>"), overwrite=args.overwrite))
+        written.append(
+            save_a1111_pt(result.identity, paths["legacy"], name=token.strip("<>"), overwrite=args.overwrite)
+        )
     return written
 
 
@@ -111,9 +128,19 @@ def run_train(args: argparse.Namespace) -> int:
     model = load_model(args.model, resolve_device(args.device))
     resolution = args.resolution or default_resolution(model)
     config = preset_config(
-        args.preset, token=token, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        scale_lr=args.scale_lr, n_tokens=args.n_tokens, init=args.init, init_text=args.init_text,
-        reg_weight=args.reg_weight, resolution=resolution, seed=args.seed, flip_p=0.0 if args.no_flip else None,
+        args.preset,
+        token=token,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        scale_lr=args.scale_lr,
+        n_tokens=args.n_tokens,
+        init=args.init,
+        init_text=args.init_text,
+        reg_weight=args.reg_weight,
+        resolution=resolution,
+        seed=args.seed,
+        flip_p=0.0 if args.no_flip else None,
     )
     images = load_training_images(sources, resolution)
     start = None
@@ -122,9 +149,13 @@ def run_train(args: argparse.Namespace) -> int:
 
         start = load_identity(args.init_from)
     trainer = Trainer(model, images, config, init=start)
-    print(f"training {token} on {model.name} ({model.family}), {images.shape[0]} image(s) at {resolution}px, "
-          f"{config.n_tokens} token(s), {config.steps} steps, device {model.denoiser.device}", file=sys.stderr)
+    print(
+        f"training {token} on {model.name} ({model.family}), {images.shape[0]} image(s) at {resolution}px, "
+        f"{config.n_tokens} token(s), {config.steps} steps, device {model.denoiser.device}",
+        file=sys.stderr,
+    )
     with tqdm(total=config.steps, desc="training", unit="step") as bar:
+
         def on_step(step: int, total: int, loss: float) -> None:
             bar.update(step - bar.n)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -134,12 +165,17 @@ def run_train(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     if result.stopped == "interrupted":
-        print(f"interrupted after {trainer.steps_done} steps; the rows so far are in {written[0]} (marked partial)",
-              file=sys.stderr)
+        print(
+            f"interrupted after {trainer.steps_done} steps; the rows so far are in {written[0]} (marked partial)",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     if result.stopped:
-        print(f"training stopped: {result.stopped}. The last good rows are in {written[0]} (marked partial); "
-              "lower --lr or check the images and model", file=sys.stderr)
+        print(
+            f"training stopped: {result.stopped}. The last good rows are in {written[0]} (marked partial); "
+            "lower --lr or check the images and model",
+            file=sys.stderr,
+        )
         return EXIT_STOPPED
     print(f"use it in ComfyUI as 'embedding:{args.out.stem}' after copying it into models/embeddings")
     return 0

@@ -29,7 +29,9 @@ def column_means(encoder: TextEncoder, names: Sequence[str], n_tokens: int) -> t
         for j, token_id in enumerate(encoder.token_ids(name)[:n_tokens]):
             columns[j].append(table[token_id])
     if any(not col for col in columns):
-        raise InputError(f"tokens: no name in the list is {n_tokens} tokens long; use fewer tokens or a longer name list")
+        raise InputError(
+            f"tokens: no name in the list is {n_tokens} tokens long; use fewer tokens or a longer name list"
+        )
     return torch.stack([torch.stack(col).mean(dim=0) for col in columns])
 
 
@@ -62,7 +64,9 @@ def word_init(encoder: TextEncoder, word: str, n_tokens: int) -> torch.Tensor:
     """Textual Inversion's start: the raw token row of a one-token word, copied into every row."""
     ids = encoder.token_ids(word)
     if len(ids) != 1:
-        raise InputError(f"init word: '{word}' is {len(ids)} CLIP tokens; pick a word that is a single token, e.g. 'person'")
+        raise InputError(
+            f"init word: '{word}' is {len(ids)} CLIP tokens; pick a word that is a single token, e.g. 'person'"
+        )
     return encoder.token_table().detach().float()[ids[0]].cpu().repeat(n_tokens, 1)
 
 

@@ -88,9 +88,13 @@ def atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool) -> 
         _publish(tmp, path, overwrite)
         _fsync_dir(path.parent)
     except PermissionError as error:
-        raise InputError(f"output {path}: permission denied ({error.strerror}); choose a folder you can write to") from error
+        raise InputError(
+            f"output {path}: permission denied ({error.strerror}); choose a folder you can write to"
+        ) from error
     except OSError as error:
-        raise InputError(f"output {path}: could not write it ({error.strerror or error}); check the disk and folder") from error
+        raise InputError(
+            f"output {path}: could not write it ({error.strerror or error}); check the disk and folder"
+        ) from error
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):

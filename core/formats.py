@@ -25,7 +25,13 @@ A1111_PLACEHOLDER_ID = 265
 SAFE_PICKLE_CLASSES: tuple[type, ...] = (torch.nn.ParameterDict,)
 
 _CROSS_INIT_KEY = re.compile(r"^(?P<stem>.+)_v(?P<index>\d+)$")
-_REFUSAL_MARKERS = ("was not an allowed global", "is blocked", "unrecognized function", "Can only create", "Can only build")
+_REFUSAL_MARKERS = (
+    "was not an allowed global",
+    "is blocked",
+    "unrecognized function",
+    "Can only create",
+    "Can only build",
+)
 _LAYOUT_HELP = (
     "expected one of: {'<token>': tensor} (diffusers), {'string_to_param': {'*': tensor}} (A1111/rinongal), "
     "{'<t>_v0': ..., '<t>_v1': ...} (Cross-Initialization), {'clip_l': ..., 'clip_g': ...} (SDXL)"
@@ -89,7 +95,9 @@ def save_a1111_pt(identity: Identity, path: Path, *, name: str, overwrite: bool 
 def _require_suffix(path: Path, suffix: str) -> None:
     """Refuse an output name whose extension the loaders would not read back as this layout."""
     if path.suffix.lower() != suffix:
-        raise IdentityError(f"output {path}: this layout is written as a {suffix} file; name it like '{path.stem}{suffix}'")
+        raise IdentityError(
+            f"output {path}: this layout is written as a {suffix} file; name it like '{path.stem}{suffix}'"
+        )
 
 
 def _check_name(value: str, what: str, path: Path) -> str:
@@ -361,7 +369,9 @@ def _parse_cross_init(path: Path, data: Mapping) -> _Parsed | None:
             f"identity file {path}: its vectors have different widths {sorted(widths)}; the file mixes two models"
         )
     rows = torch.cat(parts, dim=0)
-    return _Parsed({_guess_encoder(rows): rows}, {"source_layout": "cross_init_bin", "token": stems.pop()}, "cross_init_bin")
+    return _Parsed(
+        {_guess_encoder(rows): rows}, {"source_layout": "cross_init_bin", "token": stems.pop()}, "cross_init_bin"
+    )
 
 
 def _as_rows(path: Path, key: str, value: object) -> torch.Tensor:

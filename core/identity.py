@@ -32,9 +32,13 @@ class Identity:
         counts = {key: int(value.shape[0]) for key, value in self.rows.items()}
         for key, value in self.rows.items():
             if value.ndim != 2:
-                raise IdentityError(f"identity: rows for '{key}' have shape {tuple(value.shape)}; expected (n_tokens, width)")
+                raise IdentityError(
+                    f"identity: rows for '{key}' have shape {tuple(value.shape)}; expected (n_tokens, width)"
+                )
         if len(set(counts.values())) != 1:
-            raise IdentityError(f"identity: encoders disagree on the token count {counts}; every encoder needs the same n")
+            raise IdentityError(
+                f"identity: encoders disagree on the token count {counts}; every encoder needs the same n"
+            )
         self.rows = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in self.rows.items()}
         self.metadata = {str(k): str(v) for k, v in self.metadata.items()}
 
@@ -67,4 +71,6 @@ class Identity:
 
     def with_metadata(self, **updates: object) -> Identity:
         """A copy whose metadata has these keys added or replaced."""
-        return Identity({k: v.clone() for k, v in self.rows.items()}, {**self.metadata, **{k: str(v) for k, v in updates.items()}})
+        return Identity(
+            {k: v.clone() for k, v in self.rows.items()}, {**self.metadata, **{k: str(v) for k, v in updates.items()}}
+        )

@@ -45,7 +45,9 @@ def list_image_paths(sources: Sequence[Path]) -> list[Path]:
     if isinstance(sources, (str, Path)):
         sources = [Path(sources)]
     if not sources:
-        raise InputError("images: no folder or image paths were given; pass a folder with .png/.jpg files or image paths")
+        raise InputError(
+            "images: no folder or image paths were given; pass a folder with .png/.jpg files or image paths"
+        )
     paths: list[Path] = []
     seen: set[Path] = set()
     for source in (Path(s).expanduser() for s in sources):
@@ -144,7 +146,9 @@ def load_image(path: Path) -> Image.Image:
             image = to_rgb(_upright(opened))
             image.load()
     except Image.DecompressionBombError as exc:
-        raise InputError(f"images: {path} has too many pixels to load safely; resize it to a few thousand px a side") from exc
+        raise InputError(
+            f"images: {path} has too many pixels to load safely; resize it to a few thousand px a side"
+        ) from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, zlib/struct errors on bad data
         raise InputError(unreadable) from exc
     width, height = image.size
@@ -246,5 +250,7 @@ def sample_photo_path(cache_dir: Path | None = None) -> Path:
     try:
         pixels = np.asarray(skimage.data.astronaut(), dtype=np.uint8)
     except Exception as exc:  # no bundled file and no downloader: skimage raises ModuleNotFoundError/OSError
-        raise InputError("sample photo: scikit-image has no astronaut image on disk; pass your own photo instead") from exc
+        raise InputError(
+            "sample photo: scikit-image has no astronaut image on disk; pass your own photo instead"
+        ) from exc
     return save_png_atomic(Image.fromarray(pixels), cached)

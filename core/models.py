@@ -74,7 +74,9 @@ def load_diffusers_folder(folder: Path, device: torch.device) -> Model:
             CLIPTokenizer.from_pretrained(sub, **local) if (sub / "vocab.json").is_file() else load_clip_tokenizer(pad)
         )
     if family == "sdxl":
-        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **local)
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            folder, subfolder="text_encoder_2", **local
+        )
     return model_from_components(family, _place(parts, device, compute_dtype(device)), name=folder.name)
 
 

@@ -89,7 +89,9 @@ def _segments(points: Sequence[tuple[float, float] | None]) -> list[list[tuple[f
     return [run for run in runs if run]
 
 
-def _draw_series(draw: ImageDraw.ImageDraw, points: Sequence[tuple[float, float] | None], colour: tuple, width: int) -> None:
+def _draw_series(
+    draw: ImageDraw.ImageDraw, points: Sequence[tuple[float, float] | None], colour: tuple, width: int
+) -> None:
     """Draw a line through consecutive points, leaving gaps at missing ones; lone points become dots."""
     for run in _segments(points):
         if len(run) == 1:
@@ -135,7 +137,9 @@ def _draw_y_ticks(draw: ImageDraw.ImageDraw, plot: _Box, low: float, high: float
         draw.text((left - 7 - width, y - height / 2 - 1), label, fill=TEXT_COLOUR, font=font)
 
 
-def _draw_x_ticks(draw: ImageDraw.ImageDraw, plot: _Box, n_steps: int, x_of: Callable[[int], float], font: _Font) -> None:
+def _draw_x_ticks(
+    draw: ImageDraw.ImageDraw, plot: _Box, n_steps: int, x_of: Callable[[int], float], font: _Font
+) -> None:
     """Tick marks with step-number labels under the plot area."""
     bottom = plot[3]
     for step in step_ticks(n_steps):
@@ -169,7 +173,9 @@ def check_size(size: tuple[int, int]) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in size)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"plot: size {size!r} is not (width, height); pass two whole numbers such as (640, 360)") from exc
+        raise InputError(
+            f"plot: size {size!r} is not (width, height); pass two whole numbers such as (640, 360)"
+        ) from exc
     if width < MIN_SIZE[0] or height < MIN_SIZE[1]:
         raise InputError(f"plot: size {width}x{height} is too small; use at least {MIN_SIZE[0]}x{MIN_SIZE[1]}")
     return width, height

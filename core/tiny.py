@@ -17,8 +17,15 @@ def _text_model(width: int, layers: int, act: str, projection_dim: int | None = 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act=act, bos_token_id=49406, eos_token_id=49407,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=act,
+        bos_token_id=49406,
+        eos_token_id=49407,
         projection_dim=projection_dim or width,
     )
     return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
@@ -29,9 +36,16 @@ def _vae(scaling_factor: float) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 16, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
-        sample_size=64, scaling_factor=scaling_factor,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 16, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
     )
 
 
@@ -41,13 +55,24 @@ def _unet(context_width: int, sdxl_pooled: int | None = None, linear_projection:
 
     extra = {}
     if sdxl_pooled is not None:
-        extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-                 "projection_class_embeddings_input_dim": sdxl_pooled + 6 * 8}
+        extra = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": sdxl_pooled + 6 * 8,
+        }
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=context_width, attention_head_dim=8, norm_num_groups=8,
-        use_linear_projection=linear_projection, **extra,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=context_width,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        use_linear_projection=linear_projection,
+        **extra,
     )
 
 
@@ -55,8 +80,14 @@ def _scheduler(prediction_type: str):  # noqa: ANN202 - diffusers type
     """The SD training schedule: scaled-linear betas over 1000 steps."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False)
+    return DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
 
 
 def tiny_components(family: str, seed: int = 0) -> dict[str, object]:
@@ -64,18 +95,31 @@ def tiny_components(family: str, seed: int = 0) -> dict[str, object]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if family == "sd1":
-            parts = {"text_encoder": _text_model(32, 2, "quick_gelu"), "tokenizer": load_clip_tokenizer(),
-                     "unet": _unet(32), "vae": _vae(0.18215), "scheduler": _scheduler("epsilon")}
+            parts = {
+                "text_encoder": _text_model(32, 2, "quick_gelu"),
+                "tokenizer": load_clip_tokenizer(),
+                "unet": _unet(32),
+                "vae": _vae(0.18215),
+                "scheduler": _scheduler("epsilon"),
+            }
         elif family == "sd2":
-            parts = {"text_encoder": _text_model(48, 2, "gelu"), "tokenizer": load_clip_tokenizer(pad_token="!"),
-                     "unet": _unet(48, linear_projection=True), "vae": _vae(0.18215),
-                     "scheduler": _scheduler("v_prediction")}
+            parts = {
+                "text_encoder": _text_model(48, 2, "gelu"),
+                "tokenizer": load_clip_tokenizer(pad_token="!"),
+                "unet": _unet(48, linear_projection=True),
+                "vae": _vae(0.18215),
+                "scheduler": _scheduler("v_prediction"),
+            }
         elif family == "sdxl":
-            parts = {"text_encoder": _text_model(32, 3, "quick_gelu"), "tokenizer": load_clip_tokenizer(),
-                     "text_encoder_2": _text_model(64, 3, "gelu", projection_dim=32),
-                     "tokenizer_2": load_clip_tokenizer(pad_token="!"),
-                     "unet": _unet(96, sdxl_pooled=32, linear_projection=True), "vae": _vae(0.13025),
-                     "scheduler": _scheduler("epsilon")}
+            parts = {
+                "text_encoder": _text_model(32, 3, "quick_gelu"),
+                "tokenizer": load_clip_tokenizer(),
+                "text_encoder_2": _text_model(64, 3, "gelu", projection_dim=32),
+                "tokenizer_2": load_clip_tokenizer(pad_token="!"),
+                "unet": _unet(96, sdxl_pooled=32, linear_projection=True),
+                "vae": _vae(0.13025),
+                "scheduler": _scheduler("epsilon"),
+            }
         else:
             raise ValueError(f"tiny model: unknown family '{family}'; use sd1, sd2 or sdxl")
     for part in parts.values():

@@ -47,14 +47,38 @@ class TrainConfig:
 
 PRESETS: dict[str, dict[str, object]] = {
     # diffusers' textual_inversion.py defaults (METHODS.md 1.3), with 'person' as the initializer word.
-    "textual_inversion": {"method": "textual_inversion", "n_tokens": 1, "steps": 5000, "batch_size": 16,
-                          "learning_rate": 1e-4, "reg_weight": 0.0, "init": "word", "init_text": "person",
-                          "templates": "object"},
+    "textual_inversion": {
+        "method": "textual_inversion",
+        "n_tokens": 1,
+        "steps": 5000,
+        "batch_size": 16,
+        "learning_rate": 1e-4,
+        "reg_weight": 0.0,
+        "init": "word",
+        "init_text": "person",
+        "templates": "object",
+    },
     # Cross Initialization's README command (METHODS.md 2.4): lr 0.000625 x batch 8 = 0.005.
-    "cross_init": {"method": "cross_init", "n_tokens": 2, "steps": 320, "batch_size": 8, "learning_rate": 0.005,
-                   "reg_weight": 1e-5, "init": "celebrity", "templates": "face"},
-    "cross_init_fast": {"method": "cross_init", "n_tokens": 2, "steps": 25, "batch_size": 8, "learning_rate": 0.005,
-                        "reg_weight": 1e-5, "init": "celebrity", "templates": "face"},
+    "cross_init": {
+        "method": "cross_init",
+        "n_tokens": 2,
+        "steps": 320,
+        "batch_size": 8,
+        "learning_rate": 0.005,
+        "reg_weight": 1e-5,
+        "init": "celebrity",
+        "templates": "face",
+    },
+    "cross_init_fast": {
+        "method": "cross_init",
+        "n_tokens": 2,
+        "steps": 25,
+        "batch_size": 8,
+        "learning_rate": 0.005,
+        "reg_weight": 1e-5,
+        "init": "celebrity",
+        "templates": "face",
+    },
 }
 
 
@@ -105,8 +129,11 @@ class Trainer:
         self.init_rows = {k: v.to(device) for k, v in start.items()}
         self.rows = {k: torch.nn.Parameter(v.clone()) for k, v in self.init_rows.items()}
         self.optimizer = torch.optim.AdamW(
-            list(self.rows.values()), lr=self.config.effective_lr, betas=self.config.adam_betas,
-            eps=self.config.adam_eps, weight_decay=self.config.weight_decay,
+            list(self.rows.values()),
+            lr=self.config.effective_lr,
+            betas=self.config.adam_betas,
+            eps=self.config.adam_eps,
+            weight_decay=self.config.weight_decay,
         )
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.latent_mean, self.latent_std = self._encode_once(images)
@@ -151,7 +178,10 @@ class Trainer:
         index = torch.randint(0, n_images, (cfg.batch_size,), generator=gen)
         if cfg.flip_p > 0:
             index = index + n_images * (torch.rand(cfg.batch_size, generator=gen) < cfg.flip_p).long()
-        mean, std = self.latent_mean[index.to(self.latent_mean.device)], self.latent_std[index.to(self.latent_std.device)]
+        mean, std = (
+            self.latent_mean[index.to(self.latent_mean.device)],
+            self.latent_std[index.to(self.latent_std.device)],
+        )
         sample = torch.randn(mean.shape, generator=gen).to(mean.device)
         noise = torch.randn(mean.shape, generator=gen).to(mean.device)
         timesteps = torch.randint(0, self.model.denoiser.num_train_timesteps, (cfg.batch_size,), generator=gen)
@@ -192,11 +222,24 @@ class Trainer:
     def identity(self, partial: bool = False, **extra: object) -> Identity:
         """The current rows as an Identity with provenance metadata."""
         cfg = self.config
-        meta = {"method": cfg.method, "base_family": self.model.family, "base_model": self.model.name,
-                "steps": self.steps_done, "steps_planned": cfg.steps, "n_tokens": cfg.n_tokens, "init": cfg.init,
-                "init_text": cfg.init_text, "seed": cfg.seed, "learning_rate": cfg.effective_lr,
-                "batch_size": cfg.batch_size, "resolution": cfg.resolution, "reg_weight": cfg.reg_weight,
-                "token": cfg.token, "partial": str(partial).lower(), "created_by": f"identity-tokens {__version__}"}
+        meta = {
+            "method": cfg.method,
+            "base_family": self.model.family,
+            "base_model": self.model.name,
+            "steps": self.steps_done,
+            "steps_planned": cfg.steps,
+            "n_tokens": cfg.n_tokens,
+            "init": cfg.init,
+            "init_text": cfg.init_text,
+            "seed": cfg.seed,
+            "learning_rate": cfg.effective_lr,
+            "batch_size": cfg.batch_size,
+            "resolution": cfg.resolution,
+            "reg_weight": cfg.reg_weight,
+            "token": cfg.token,
+            "partial": str(partial).lower(),
+            "created_by": f"identity-tokens {__version__}",
+        }
         return Identity({k: v.detach() for k, v in self.rows.items()}, {**meta, **extra})
 
     def run(self, on_step: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:

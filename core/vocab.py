@@ -18,7 +18,9 @@ N_MERGES = 49152 - 256 - 2  # the merge count the CLIP text models were trained 
 
 def _byte_symbols() -> list[str]:
     """CLIP's 256 byte stand-in characters in vocabulary order: printable bytes first, then the rest."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     others = [b for b in range(256) if b not in set(printable)]
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
 
@@ -69,7 +71,9 @@ def clip_tokenizer_folder(explicit: str | None = None) -> Path:
     if explicit:
         folder = Path(explicit)
         if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
-            raise InputError(f"tokenizer: {folder} has no vocab.json and merges.txt; point it at a CLIP tokenizer folder")
+            raise InputError(
+                f"tokenizer: {folder} has no vocab.json and merges.txt; point it at a CLIP tokenizer folder"
+            )
         return folder
     bpe = find_open_clip_bpe()
     if bpe is None:

@@ -29,7 +29,9 @@ def sd1_model() -> Model:
 def images() -> torch.Tensor:
     """Two 64 px images in [-1, 1] with some structure (gradients and a square)."""
     ramp = torch.linspace(-1, 1, 64)
-    base = torch.stack([ramp.view(1, -1).expand(64, 64), ramp.view(-1, 1).expand(64, 64), -ramp.view(1, -1).expand(64, 64)])
+    base = torch.stack(
+        [ramp.view(1, -1).expand(64, 64), ramp.view(-1, 1).expand(64, 64), -ramp.view(1, -1).expand(64, 64)]
+    )
     second = base.clone()
     second[:, 16:48, 16:48] = 0.8
     return torch.stack([base, second])

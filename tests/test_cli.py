@@ -131,6 +131,11 @@ def test_inspect_prints_layout(photo_dir: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_module_entry_point_runs(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "core", "inspect", str(tmp_path / "missing.safetensors")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "core", "inspect", str(tmp_path / "missing.safetensors")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == EXIT_INPUT and "missing.safetensors" in done.stderr

@@ -44,8 +44,9 @@ def _reference_step(parts: dict, start_rows: torch.Tensor, batch, lr: float, wd:
 
 def test_one_step_equals_diffusers_reference(images: torch.Tensor) -> None:
     ours = model_from_components("sd1", tiny_components("sd1"))
-    config = preset_config("textual_inversion", resolution=64, batch_size=2, steps=1, token="<ref>",
-                           learning_rate=0.005, n_tokens=2)
+    config = preset_config(
+        "textual_inversion", resolution=64, batch_size=2, steps=1, token="<ref>", learning_rate=0.005, n_tokens=2
+    )
     trainer = Trainer(ours, images, config)
     start = trainer.rows["clip_l"].detach().clone()
     batch = trainer.sample_batch()
@@ -65,8 +66,14 @@ def test_saved_file_loads_in_diffusers_pipeline(tmp_path: Path, images: torch.Te
 
     parts = tiny_components("sd1")
     pipe = StableDiffusionPipeline(
-        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
-        scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        unet=parts["unet"],
+        scheduler=parts["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.load_textual_inversion(str(path))
     prompt = pipe.maybe_convert_prompt("a photo of <astro> person", pipe.tokenizer)

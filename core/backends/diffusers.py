@@ -142,5 +142,7 @@ class DiffusersDenoiser:
             height, width = (int(s) * self.vae_scale for s in noisy.shape[-2:])
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=noisy.device, dtype=dtype)
             extra = {"text_embeds": cond.pooled.to(dtype), "time_ids": time_ids.repeat(noisy.shape[0], 1)}
-        out = self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond.context.to(dtype), added_cond_kwargs=extra)
+        out = self.unet(
+            noisy.to(dtype), timesteps, encoder_hidden_states=cond.context.to(dtype), added_cond_kwargs=extra
+        )
         return out.sample.float()
