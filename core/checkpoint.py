@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .backends.diffusers import place_components
 from .errors import InputError
 from .protocols import Model
 from .tiny import model_from_components
@@ -327,18 +328,6 @@ def _build_parts(
     return parts
 
 
-def _place(parts: dict, device: torch.device, dtype: torch.dtype) -> None:
-    """Freeze every module; UNet/VAE go to dtype on device, text encoders stay float32 (SDXL's VAE too in fp16)."""
-    for name, part in parts.items():
-        if not isinstance(part, torch.nn.Module):
-            continue
-        part.eval().requires_grad_(False)
-        target = dtype if name in ("unet", "vae") else torch.float32
-        if name == "vae" and dtype == torch.float16 and getattr(part.config, "force_upcast", False):
-            target = torch.float32  # the SDXL VAE overflows in float16
-        part.to(device=device, dtype=target)
-
-
 def load_single_file(
     path: Path,
     device: torch.device,
@@ -358,5 +347,5 @@ def load_single_file(
     with _offline(), _quiet_dtype_casts():
         parts = _build_parts(family, checkpoint, folder, prediction, dtype, source)
         del checkpoint
-        _place(parts, torch.device(device), dtype)
+        place_components(parts, torch.device(device), dtype)
     return model_from_components(family, parts, name=path.stem)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .backends.diffusers import place_components
 from .errors import InputError
 from .protocols import Model
 from .tiny import TINY_FAMILIES, model_from_components, tiny_components
@@ -31,18 +32,6 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _place(parts: dict[str, object], device: torch.device, dtype: torch.dtype) -> dict[str, object]:
-    """Move modules to the device: UNet and VAE in dtype, text encoders in fp32, all frozen."""
-    for name, part in parts.items():
-        if isinstance(part, torch.nn.Module):
-            target = dtype if name in ("unet", "vae") else torch.float32
-            if next(part.parameters()).dtype != target:
-                part.to(dtype=target)
-            part.to(device=device)
-            part.eval().requires_grad_(False)
-    return parts
 
 
 def _folder_family(folder: Path) -> str:
@@ -77,7 +66,7 @@ def load_diffusers_folder(folder: Path, device: torch.device) -> Model:
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
             folder, subfolder="text_encoder_2", **local
         )
-    return model_from_components(family, _place(parts, device, compute_dtype(device)), name=folder.name)
+    return model_from_components(family, place_components(parts, device, compute_dtype(device)), name=folder.name)
 
 
 def load_model(spec: str, device: torch.device | None = None) -> Model:
@@ -86,7 +75,9 @@ def load_model(spec: str, device: torch.device | None = None) -> Model:
     device = device or resolve_device()
     if spec in TINY_FAMILIES:
         family = TINY_FAMILIES[spec]
-        return model_from_components(family, _place(tiny_components(family), device, torch.float32), name=spec)
+        return model_from_components(
+            family, place_components(tiny_components(family), device, torch.float32), name=spec
+        )
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

@@ -146,3 +146,18 @@ class DiffusersDenoiser:
             noisy.to(dtype), timesteps, encoder_hidden_states=cond.context.to(dtype), added_cond_kwargs=extra
         )
         return out.sample.float()
+
+
+def place_components(parts: dict[str, object], device: torch.device, dtype: torch.dtype) -> dict[str, object]:
+    """Freeze every module; UNet/VAE go to dtype on device, text encoders stay float32 (and SDXL's VAE in fp16)."""
+    for name, part in parts.items():
+        if not isinstance(part, torch.nn.Module):
+            continue
+        part.eval().requires_grad_(False)
+        target = dtype if name in ("unet", "vae") else torch.float32
+        if name == "vae" and dtype == torch.float16 and getattr(part.config, "force_upcast", False):
+            target = torch.float32  # the SDXL VAE overflows in float16
+        if next(part.parameters()).dtype != target:
+            part.to(dtype=target)
+        part.to(device=device)
+    return parts
