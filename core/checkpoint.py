@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import pickle
@@ -338,6 +339,10 @@ def load_single_file(
     """Load an SD1/SD2/SDXL single-file checkpoint offline as a Model, configs from config_dir or the shipped ones."""
     path = Path(path)
     source = str(path)
+    if importlib.util.find_spec("accelerate") is None:  # without it diffusers fills missing weights with noise silently
+        raise InputError(
+            f"checkpoint {source}: loading single files needs the 'accelerate' package; pip install accelerate"
+        )
     checkpoint = normalize_keys(read_state_dict(path))
     shapes = {k: tuple(v.shape) for k, v in checkpoint.items()}
     family = detect_family(checkpoint.keys(), shapes, source)

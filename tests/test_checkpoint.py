@@ -299,3 +299,14 @@ def test_shipped_config_is_used_without_config_dir(tiny_files: dict, no_network:
     path, _, _ = tiny_files["sd1"]
     with pytest.raises(InputError, match=r"tiny-sd1\.safetensors: its unet weights do not fit the sd1 architecture"):
         load_single_file(path, CPU, torch.float32)
+
+
+def test_missing_accelerate_is_a_clear_error(tiny_files: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without accelerate, diffusers would leave missing weights random; the loader says what to install instead."""
+    import importlib.util
+
+    path, config_dir, _ = tiny_files["sd1"]
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real_find_spec(name, *a))
+    with pytest.raises(InputError, match="pip install accelerate"):
+        load_single_file(path, CPU, torch.float32, config_dir=config_dir)
