@@ -68,9 +68,3 @@ class Identity:
                 "this identity was made for another model family, train or load one for this model"
             )
         return value
-
-    def with_metadata(self, **updates: object) -> Identity:
-        """A copy whose metadata has these keys added or replaced."""
-        return Identity(
-            {k: v.clone() for k, v in self.rows.items()}, {**self.metadata, **{k: str(v) for k, v in updates.items()}}
-        )

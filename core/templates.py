@@ -39,8 +39,6 @@ OBJECT_TEMPLATES: tuple[str, ...] = (
 # Cross Initialization puts the tokens inside a face phrase with the class word after them.
 FACE_PHRASE = "face of {} person"
 
-TEMPLATE_SETS = {"object": OBJECT_TEMPLATES}
-
 
 def fill(template: str, slot_text: str) -> str:
     """The template with its '{}' replaced by slot_text."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -246,7 +246,7 @@ class Trainer:
         """Train for config.steps; Ctrl-C, a cancel, or a non-finite loss end it early with the last good rows."""
         losses: list[float] = []
         stopped = ""
-        snapshot = {k: v.detach().clone() for k, v in self.rows.items()}
+        snapshot: dict[str, torch.Tensor] = {}
         snapshot_step = self.steps_done
         try:
             while self.steps_done < self.config.steps:
@@ -264,12 +264,7 @@ class Trainer:
                 if on_step is not None:
                     on_step(self.steps_done, self.config.steps, value)
         except KeyboardInterrupt:
-            if self.steps_done == snapshot_step:  # interrupted inside a step: its update may be half done
+            if snapshot and self.steps_done == snapshot_step:  # interrupted inside a step: its update may be half done
                 self._restore(snapshot, snapshot_step)
             stopped = "interrupted"
         return TrainResult(self.identity(partial=bool(stopped), stopped=stopped), losses, stopped)
-
-
-def config_summary(config: TrainConfig) -> dict[str, object]:
-    """The config as plain values, for logs and notes."""
-    return asdict(config)

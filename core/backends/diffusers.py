@@ -25,6 +25,7 @@ class DiffusersTextEncoder:
         self.layer = layer
         self.projected_pooled = projected_pooled
         self.width = int(model.get_input_embeddings().weight.shape[1])
+        self._prompt_cache: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
 
     def token_ids(self, text: str) -> list[int]:
         """BPE ids of text, without BOS/EOS."""
@@ -64,6 +65,13 @@ class DiffusersTextEncoder:
         ids = ids + [eos] + [pad] * (MAX_TOKENS - len(ids) - 1)
         return ids, positions
 
+    def _cached_prompt_ids(self, prompt: str, n_rows: int) -> tuple[list[int], list[int]]:
+        """prompt_ids, tokenized once per (prompt, n_rows): training reuses the same templates every step."""
+        key = (prompt, n_rows)
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = self.prompt_ids(prompt, n_rows)
+        return self._prompt_cache[key]
+
     @contextmanager
     def _spliced(self, mask: torch.Tensor, rows: torch.Tensor) -> Iterator[None]:
         """Within the block, token-embedding outputs at mask positions are the identity rows."""
@@ -82,7 +90,7 @@ class DiffusersTextEncoder:
         """Encode prompts with rows spliced at SLOT, at the family's conditioning layer."""
         n_rows = 0 if rows is None else int(rows.shape[0])
         device = self.model.get_input_embeddings().weight.device
-        built = [self.prompt_ids(p, n_rows) for p in prompts]
+        built = [self._cached_prompt_ids(p, n_rows) for p in prompts]
         input_ids = torch.tensor([ids for ids, _ in built], device=device)
         mask = torch.zeros(input_ids.shape, dtype=torch.bool, device=device)
         for i, (_, positions) in enumerate(built):
