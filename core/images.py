@@ -192,6 +192,59 @@ def images_to_tensor(images: Sequence[Image.Image], resolution: int) -> torch.Te
     return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
 
 
+def join_batches(batches: Sequence[torch.Tensor], what: str) -> torch.Tensor:
+    """Concatenate image or mask batches of one size; different sizes raise InputError naming both."""
+    if len(batches) == 0:
+        raise InputError(f"{what}: got no {what}; connect at least one")
+    first = batches[0]
+    for batch in batches[1:]:
+        if tuple(batch.shape[1:]) != tuple(first.shape[1:]):
+            raise InputError(
+                f"{what}: got {what} of different sizes ({_size(first)} and {_size(batch)}) in one batch; "
+                "resize them to one size first (e.g. with ImageScale / 'Upscale Image')"
+            )
+    return torch.cat(list(batches)) if len(batches) > 1 else first
+
+
+def _size(batch: torch.Tensor) -> str:
+    """WIDTHxHEIGHT of a (N, H, W[, C]) batch."""
+    return f"{batch.shape[2]}x{batch.shape[1]}"
+
+
+def fit_tensor(batch: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Resize an (N, C, H, W) batch so the shorter side is `resolution`, then center-crop it square (0 keeps it)."""
+    if resolution == 0:
+        return batch
+    resolution = check_resolution(resolution)
+    height, width = batch.shape[-2:]
+    scale = resolution / min(height, width)
+    size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
+    if size != (height, width):
+        batch = torch.nn.functional.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return batch[..., top : top + resolution, left : left + resolution]
+
+
+def check_masks(masks: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Validate (M, H, W) masks against (N, 3, H, W) images: one mask or one per image, same size, not empty."""
+    if masks.ndim == 2:
+        masks = masks.unsqueeze(0)
+    if masks.ndim != 3:
+        raise InputError(f"mask: expected a (count, height, width) mask, got shape {tuple(masks.shape)}")
+    if tuple(masks.shape[-2:]) != tuple(images.shape[-2:]):
+        raise InputError(
+            f"mask: it is {masks.shape[-1]}x{masks.shape[-2]} but the images are {images.shape[-1]}x{images.shape[-2]}; "
+            "make the mask from the same images (same size) or resize it to match"
+        )
+    if masks.shape[0] not in (1, images.shape[0]):
+        raise InputError(
+            f"mask: got {masks.shape[0]} masks for {images.shape[0]} images; give one mask, or one per image"
+        )
+    if not bool((masks.flatten(1).amax(dim=1) > 0).all()):
+        raise InputError("mask: a mask is empty (all zero), so no pixel would be learned; mark the face or subject")
+    return masks.expand(images.shape[0], -1, -1).clamp(0, 1).unsqueeze(1).float()
+
+
 def load_training_images(sources: Sequence[Path], resolution: int) -> torch.Tensor:
     """Load every image in the given folders/files as one (N, 3, R, R) tensor in [-1, 1]."""
     resolution = check_resolution(resolution)

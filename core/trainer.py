@@ -98,6 +98,7 @@ class Batch:
     noise: torch.Tensor
     timesteps: torch.Tensor
     prompts: list[str]
+    weights: torch.Tensor | None = None  # (B, 1, h, w) loss weights from the masks, or None for a plain mean
 
 
 @dataclass
@@ -115,7 +116,15 @@ ProgressFn = Callable[[int, int, float], None]
 class Trainer:
     """Holds the identity rows, their AdamW state, and the cached latents of the training images."""
 
-    def __init__(self, model: Model, images: torch.Tensor, config: TrainConfig, init: Identity | None = None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        images: torch.Tensor,
+        config: TrainConfig,
+        init: Identity | None = None,
+        masks: torch.Tensor | None = None,
+    ) -> None:
+        """masks: optional (N, 1, H, W) weights in [0, 1] at image size that focus the loss (e.g. on the face)."""
         self.model = model
         self.config = config
         self.prompts = list(training_prompts(config.templates))
@@ -137,6 +146,7 @@ class Trainer:
         )
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.latent_mean, self.latent_std = self._encode_once(images)
+        self.latent_weights = None if masks is None else self._latent_weights(masks)
         self.steps_done = 0
 
     def _validate(self, images: torch.Tensor, init: Identity | None) -> None:
@@ -171,6 +181,14 @@ class Trainer:
         parts = [self.model.denoiser.encode_pixels(chunk) for chunk in pixels.split(4)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
+    def _latent_weights(self, masks: torch.Tensor) -> torch.Tensor:
+        """Masks averaged down to latent size, laid out like the cached latents (originals, then mirrors)."""
+        if masks.shape[0] != self.latent_mean.shape[0] // (2 if self.config.flip_p > 0 else 1):
+            raise InputError(f"mask: got {masks.shape[0]} masks for the images; give one per image")
+        small = F.interpolate(masks.float(), size=self.latent_mean.shape[-2:], mode="area")
+        small = torch.cat([small, small.flip(-1)]) if self.config.flip_p > 0 else small
+        return small.to(self.latent_mean.device)
+
     def sample_batch(self) -> Batch:
         """Draw images, flips, latent samples, noise, timesteps and templates from the run's seeded generator."""
         cfg, gen = self.config, self.generator
@@ -186,15 +204,22 @@ class Trainer:
         noise = torch.randn(mean.shape, generator=gen).to(mean.device)
         timesteps = torch.randint(0, self.model.denoiser.num_train_timesteps, (cfg.batch_size,), generator=gen)
         choice = torch.randint(0, len(self.prompts), (cfg.batch_size,), generator=gen).tolist()
-        return Batch(mean + std * sample, noise, timesteps.to(mean.device), [self.prompts[i] for i in choice])
+        weights = None if self.latent_weights is None else self.latent_weights[index.to(self.latent_weights.device)]
+        prompts = [self.prompts[i] for i in choice]
+        return Batch(mean + std * sample, noise, timesteps.to(mean.device), prompts, weights)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        """Diffusion MSE plus the Cross-Init regulariser mean_i ||v_i - v_init,i + 1e-6||."""
+        """Diffusion MSE (mask-weighted when masks were given) plus the Cross-Init regulariser mean_i ||v_i - v_init,i + 1e-6||."""
         den = self.model.denoiser
         cond = condition(self.model, batch.prompts, self.rows)
         noisy = den.add_noise(batch.latents, batch.noise, batch.timesteps)
         pred = den.predict(noisy, batch.timesteps, cond)
-        loss = F.mse_loss(pred, den.target(batch.latents, batch.noise, batch.timesteps), reduction="mean")
+        error = (pred - den.target(batch.latents, batch.noise, batch.timesteps)) ** 2
+        if batch.weights is None:
+            loss = error.mean()
+        else:  # a weighted mean: the masked region counts, the rest does not
+            weights = batch.weights.expand_as(error)
+            loss = (error * weights).sum() / weights.sum().clamp_min(1e-8)
         if self.config.reg_weight > 0:
             for key, rows in self.rows.items():
                 loss = loss + self.config.reg_weight * F.pairwise_distance(rows, self.init_rows[key], p=2).mean()

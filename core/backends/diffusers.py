@@ -8,7 +8,8 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import InputError
-from ..protocols import MAX_TOKENS, SLOT, Conditioning, EncodedText
+from ..prompts import PromptCache
+from ..protocols import Conditioning, EncodedText
 
 # Conditioning layer per family (METHODS.md 0.2): the last layer after final LayerNorm, or the raw penultimate one.
 LAYER_FINAL_LN = "final_ln"
@@ -25,7 +26,7 @@ class DiffusersTextEncoder:
         self.layer = layer
         self.projected_pooled = projected_pooled
         self.width = int(model.get_input_embeddings().weight.shape[1])
-        self._prompt_cache: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+        self.prompts = PromptCache(self)
 
     def token_ids(self, text: str) -> list[int]:
         """BPE ids of text, without BOS/EOS."""
@@ -46,32 +47,6 @@ class DiffusersTextEncoder:
         tok = self.tokenizer
         return int(tok.bos_token_id), int(tok.eos_token_id), int(tok.pad_token_id)
 
-    def prompt_ids(self, prompt: str, n_rows: int) -> tuple[list[int], list[int]]:
-        """77 ids for a prompt with n_rows slots at SLOT, and the slot positions."""
-        bos, eos, pad = self.special_ids()
-        pieces = prompt.split(SLOT)
-        if len(pieces) > 2:
-            raise InputError(f"prompt: '{prompt}' has more than one '{SLOT}'; put the identity in one place")
-        ids = [bos] + self.token_ids(pieces[0])
-        positions: list[int] = []
-        if len(pieces) == 2:
-            positions = list(range(len(ids), len(ids) + n_rows))
-            ids += [0] * n_rows + self.token_ids(pieces[1])
-        if len(ids) + 1 > MAX_TOKENS:
-            raise InputError(
-                f"prompt: '{prompt}' needs {len(ids) - 1} tokens ({n_rows} of them the identity's) but CLIP takes "
-                f"{MAX_TOKENS - 2}; shorten the prompt or use fewer identity vectors"
-            )
-        ids = ids + [eos] + [pad] * (MAX_TOKENS - len(ids) - 1)
-        return ids, positions
-
-    def _cached_prompt_ids(self, prompt: str, n_rows: int) -> tuple[list[int], list[int]]:
-        """prompt_ids, tokenized once per (prompt, n_rows): training reuses the same templates every step."""
-        key = (prompt, n_rows)
-        if key not in self._prompt_cache:
-            self._prompt_cache[key] = self.prompt_ids(prompt, n_rows)
-        return self._prompt_cache[key]
-
     @contextmanager
     def _spliced(self, mask: torch.Tensor, rows: torch.Tensor) -> Iterator[None]:
         """Within the block, token-embedding outputs at mask positions are the identity rows."""
@@ -90,11 +65,7 @@ class DiffusersTextEncoder:
         """Encode prompts with rows spliced at SLOT, at the family's conditioning layer."""
         n_rows = 0 if rows is None else int(rows.shape[0])
         device = self.model.get_input_embeddings().weight.device
-        built = [self._cached_prompt_ids(p, n_rows) for p in prompts]
-        input_ids = torch.tensor([ids for ids, _ in built], device=device)
-        mask = torch.zeros(input_ids.shape, dtype=torch.bool, device=device)
-        for i, (_, positions) in enumerate(built):
-            mask[i, positions] = True
+        input_ids, mask = self.prompts.batch(list(prompts), n_rows, device)
         if rows is None or not bool(mask.any()):
             out = self.model(input_ids, output_hidden_states=True)
         else:

@@ -1,0 +1,52 @@
+"""Token ids of a training prompt with room for identity rows at its slot, shared by every backend."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InputError
+from .protocols import MAX_TOKENS, SLOT, TextEncoder
+
+
+def prompt_ids(encoder: TextEncoder, prompt: str, n_rows: int) -> tuple[list[int], list[int]]:
+    """77 ids for a prompt with n_rows placeholder ids at SLOT, and the positions of those rows."""
+    bos, eos, pad = encoder.special_ids()
+    pieces = prompt.split(SLOT)
+    if len(pieces) > 2:
+        raise InputError(f"prompt: '{prompt}' has more than one '{SLOT}'; put the identity in one place")
+    ids = [bos] + encoder.token_ids(pieces[0])
+    positions: list[int] = []
+    if len(pieces) == 2:
+        positions = list(range(len(ids), len(ids) + n_rows))
+        ids += [0] * n_rows + encoder.token_ids(pieces[1])
+    if len(ids) + 1 > MAX_TOKENS:
+        raise InputError(
+            f"prompt: '{prompt}' needs {len(ids) - 1} tokens ({n_rows} of them the identity's) but CLIP takes "
+            f"{MAX_TOKENS - 2}; shorten the prompt or use fewer identity vectors"
+        )
+    ids = ids + [eos] + [pad] * (MAX_TOKENS - len(ids) - 1)
+    return ids, positions
+
+
+class PromptCache:
+    """prompt_ids computed once per (prompt, n_rows): training reuses the same templates every step."""
+
+    def __init__(self, encoder: TextEncoder) -> None:
+        self.encoder = encoder
+        self._cache: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+
+    def ids(self, prompt: str, n_rows: int) -> tuple[list[int], list[int]]:
+        """The ids and row positions of one prompt."""
+        key = (prompt, n_rows)
+        if key not in self._cache:
+            self._cache[key] = prompt_ids(self.encoder, prompt, n_rows)
+        return self._cache[key]
+
+    def batch(self, prompts: list[str], n_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 77) ids and a (B, 77) boolean mask of the row positions, on device."""
+        built = [self.ids(p, n_rows) for p in prompts]
+        input_ids = torch.tensor([ids for ids, _ in built], device=device)
+        mask = torch.zeros(input_ids.shape, dtype=torch.bool, device=device)
+        for i, (_, positions) in enumerate(built):
+            mask[i, positions] = True
+        return input_ids, mask
