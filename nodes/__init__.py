@@ -1,4 +1,6 @@
-"""ComfyUI node classes; each wraps a core function. The node set is being built (see the open nodes issue)."""
+"""ComfyUI node registration (V1 mappings, which both CI's March-2024 core and today's ComfyUI load)."""
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+from .identity_nodes import NODE_CLASSES
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {node_id: cls for node_id, (cls, _) in NODE_CLASSES.items()}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {node_id: name for node_id, (_, name) in NODE_CLASSES.items()}

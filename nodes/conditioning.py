@@ -1,0 +1,113 @@
+"""Prompts with identities: trigger words become identity rows exactly where stock `embedding:NAME` would put them."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from ..core.errors import InputError
+from ..core.identity import Identity, IdentityError
+from .comfy_backend import clip_encoders
+
+NAME_PREFIX = "identitytokens"  # internal embedding names: identitytokens1, identitytokens2, ...
+
+
+def trigger_pattern(trigger: str) -> re.Pattern[str]:
+    """The trigger as a whole word: not glued to letters, digits or other name characters."""
+    return re.compile(r"(?<![\w<>:\-])" + re.escape(trigger) + r"(?![\w<>\-])")
+
+
+def _check_triggers(text: str, pairs: Sequence[tuple[Identity, str, str]]) -> None:
+    """Each trigger is one word, used once among the identities, and present in the prompt."""
+    seen: set[str] = set()
+    for _, trigger, input_name in pairs:
+        if not trigger or any(c.isspace() for c in trigger) or any(c in trigger for c in "():,"):
+            raise InputError(
+                f"{input_name}: '{trigger}' cannot be a trigger word; use one word without spaces, brackets, colons "
+                "or commas, such as <alice>"
+            )
+        if trigger in seen:
+            raise InputError(f"{input_name}: '{trigger}' is already the trigger of another identity; give each its own")
+        seen.add(trigger)
+        if not trigger_pattern(trigger).search(text):
+            raise InputError(
+                f"text: the trigger word '{trigger}' ({input_name}) is not in the prompt; write it where the subject "
+                f"should appear, e.g. 'a photo of {trigger}'"
+            )
+
+
+def _rows_by_name(clip: object, pairs: Sequence[tuple[Identity, str, str]]) -> dict[str, dict[str, torch.Tensor]]:
+    """{internal name: {encoder key: rows}} for every identity, checked against this CLIP's encoders."""
+    encoders = clip_encoders(clip)
+    if not encoders:
+        raise InputError("clip: this CLIP has no CLIP text encoder the pack knows; use an SD1.x, SD2.x or SDXL CLIP")
+    table: dict[str, dict[str, torch.Tensor]] = {}
+    for number, (identity, _, input_name) in enumerate(pairs, start=1):
+        rows = {}
+        for key, (module, _) in encoders.items():
+            width = int(module.transformer.get_input_embeddings().weight.shape[1])
+            try:
+                rows[key] = identity.rows_for(key, width).detach().float().cpu()
+            except IdentityError as error:
+                made_for = identity.metadata.get("base_family", "another model")
+                raise InputError(
+                    f"{input_name}: it was made for {made_for} ({_shapes(identity)}) and does not fit this CLIP, which "
+                    f"needs {key} rows of width {width} ({error}); use an identity trained on this model family"
+                ) from None
+        table[f"{NAME_PREFIX}{number}"] = rows
+    return table
+
+
+def _shapes(identity: Identity) -> str:
+    """'clip_l 2x768' style summary of an identity's rows."""
+    return ", ".join(f"{k} {v.shape[0]}x{v.shape[1]}" for k, v in identity.rows.items())
+
+
+def rewrite_prompt(text: str, pairs: Sequence[tuple[Identity, str, str]]) -> str:
+    """The prompt with every trigger word replaced by `embedding:<internal name>`."""
+    for number, (_, trigger, _) in enumerate(pairs, start=1):
+        text = trigger_pattern(trigger).sub(f"embedding:{NAME_PREFIX}{number}", text)
+    return text
+
+
+@contextmanager
+def _identity_embeddings(clip: object, table: dict[str, dict[str, torch.Tensor]]) -> Iterator[None]:
+    """While active, the CLIP's tokenizers resolve the internal names to identity rows; other names load as usual."""
+    patched = []
+    pattern = re.compile(rf"({NAME_PREFIX}\d+)(.*)", re.DOTALL)
+    for key, (_, tokenizer) in clip_encoders(clip).items():
+        original = tokenizer._try_get_embedding
+
+        def lookup(embedding_name: str, _original=original, _key=key) -> tuple[torch.Tensor | None, str]:
+            first, _, rest = embedding_name.strip().partition(" ")
+            match = pattern.fullmatch(first)
+            if match is None or match.group(1) not in table:
+                return _original(embedding_name)
+            leftover = " ".join(part for part in (match.group(2), rest) if part)
+            return table[match.group(1)][_key], leftover
+
+        patched.append((tokenizer, tokenizer.embedding_directory))
+        tokenizer._try_get_embedding = lookup
+        if tokenizer.embedding_directory is None:
+            tokenizer.embedding_directory = []  # the tokenizer only looks names up when it has a folder list
+    try:
+        yield
+    finally:
+        for tokenizer, directory in patched:
+            del tokenizer._try_get_embedding
+            tokenizer.embedding_directory = directory
+
+
+def encode_with_identities(clip: object, text: str, pairs: Sequence[tuple[Identity, str, str]]) -> list:
+    """CONDITIONING for a prompt whose trigger words carry identities; pairs are (identity, trigger, input name)."""
+    _check_triggers(text, pairs)
+    table = _rows_by_name(clip, pairs)
+    with _identity_embeddings(clip, table):
+        tokens = clip.tokenize(rewrite_prompt(text, pairs))
+    if hasattr(clip, "encode_from_tokens_scheduled"):  # today's ComfyUI, as its CLIPTextEncode does
+        return clip.encode_from_tokens_scheduled(tokens)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]

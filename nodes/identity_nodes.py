@@ -1,0 +1,358 @@
+"""The pack's ComfyUI nodes: thin wrappers that turn socket values into core calls and back."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core import __version__
+from ..core.cross_init import initial_rows
+from ..core.errors import InputError
+from ..core.formats import load_identity, save_identity
+from ..core.identity import Identity
+from ..core.images import check_masks, fit_tensor, join_batches
+from ..core.plot import loss_curve_png
+from ..core.trainer import Trainer, preset_config
+from .comfy_backend import comfy_model, load_models, trainable
+from .conditioning import encode_with_identities
+
+CATEGORY = "identity_tokens"
+IDENTITY = "IDENTITY"  # payload: core.identity.Identity (rows per encoder key, (n, width) float32, plus metadata)
+PRESETS = {"Cross-Init": "cross_init", "Cross-Init fast": "cross_init_fast", "Textual Inversion": "textual_inversion"}
+INIT_METHODS = {"celebrity names": "celebrity", "init words": "words", "plain word": "word"}
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+IDENTITY_FILE_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+def _first(value: object) -> object:
+    """The single value of an input that arrives as a list (nodes with INPUT_IS_LIST)."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+def _normal(identity: Identity) -> Identity:
+    """The identity with ordinary tensors: rows made under ComfyUI's inference mode cannot be saved for backward."""
+    return Identity({k: v.detach().clone() for k, v in identity.rows.items()}, dict(identity.metadata))
+
+
+def _image_tensor(picture: object) -> torch.Tensor:
+    """A PIL image as a ComfyUI IMAGE batch of one, (1, H, W, 3) floats in [0, 1]."""
+    return torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).unsqueeze(0)
+
+
+class CrossInitEmbed:
+    """An initial identity from the text encoder alone: Cross Initialization or a plain word."""
+
+    DESCRIPTION = (
+        "Makes a starting identity from the CLIP alone. 'celebrity names' is Cross Initialization (Pang et al. 2023): "
+        "the text encoder's output for the mean celebrity-name embedding, which lets training converge in ~320 steps."
+    )
+    RETURN_TYPES = (IDENTITY,)
+    RETURN_NAMES = ("identity",)
+    FUNCTION = "make"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        """Sockets and widgets."""
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "The CLIP of the checkpoint you will train and generate with."}),
+                "method": (list(INIT_METHODS), {"default": "celebrity names", "tooltip": (
+                    "celebrity names: Cross Initialization, best for faces. init words: Cross Initialization of your "
+                    "own words (e.g. 'woman with red hair'). plain word: Textual Inversion's start, the word's vectors."
+                )}),
+                "tokens": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip": (
+                    "How many vectors the identity has. Each one uses a prompt token; 2 is the Cross-Init default."
+                )}),
+                "init_text": ("STRING", {"default": "person", "tooltip": (
+                    "Words for 'init words' and 'plain word' (ignored for celebrity names)."
+                )}),
+            }
+        }
+
+    def make(self, clip: object, method: str, tokens: int, init_text: str) -> tuple[Identity]:
+        """Compute the initial rows for every text encoder of the CLIP."""
+        if method not in INIT_METHODS:
+            raise InputError(f"method: unknown '{method}'; choose one of {', '.join(INIT_METHODS)}")
+        model = comfy_model(None, clip)
+        load_models([clip.patcher])
+        rows = initial_rows(model, INIT_METHODS[method], int(tokens), init_text)
+        meta = {"method": "init", "init": INIT_METHODS[method], "init_text": init_text, "base_family": model.family,
+                "token": "<identity>", "created_by": f"identity-tokens {__version__}"}
+        return (Identity({k: v.detach().float().cpu() for k, v in rows.items()}, meta),)
+
+
+class TrainIdentityToken:
+    """Learns an identity from photos with the graph's MODEL, CLIP and VAE; only the identity rows change."""
+
+    DESCRIPTION = (
+        "Trains an identity (a few token vectors) from photos of one person or object with the checkpoint already "
+        "loaded. The model is not changed. Cancel stops it within a step and returns nothing."
+    )
+    RETURN_TYPES = (IDENTITY, "IMAGE")
+    RETURN_NAMES = ("identity", "loss_curve")
+    FUNCTION = "train"
+    CATEGORY = CATEGORY
+    INPUT_IS_LIST = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        """Sockets and widgets; zero (or -1) means 'the preset's value'."""
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The MODEL of an SD1.x, SD2.x or SDXL checkpoint (from Load Checkpoint)."}),
+                "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint."}),
+                "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint; it encodes the photos once."}),
+                "images": ("IMAGE", {"tooltip": "3-5 photos of the subject, all the same size (batch them with Batch Images)."}),
+                "preset": (list(PRESETS), {"default": "Cross-Init", "tooltip": (
+                    "Cross-Init: 320 steps, 2 tokens, lr 0.005, batch 8. Cross-Init fast: the same in 25 steps. "
+                    "Textual Inversion: 5000 steps, 1 token from 'person', lr 1e-4, batch 16."
+                )}),
+                "steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Optimisation steps; 0 uses the preset's."}),
+                "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": (
+                    "AdamW learning rate of the identity rows; 0 uses the preset's."
+                )}),
+                "batch_size": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": (
+                    "Images per step (with repeats and flips); 0 uses the preset's. Lower it if you run out of memory."
+                )}),
+                "reg_weight": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.00001, "tooltip": (
+                    "Cross-Init's pull towards the initial vectors; -1 uses the preset's (1e-5), 0 turns it off."
+                )}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": (
+                    "Seed of every random draw in training: the same seed and inputs give the same identity."
+                )}),
+                "resolution": ("INT", {"default": 512, "min": 0, "max": 2048, "step": 8, "tooltip": (
+                    "Photos are resized so the shorter side is this, then centre-cropped square. 512 for SD1.x, 768 for "
+                    "SD2.x-768, 1024 for SDXL. 0 keeps the photos' size (it must be a multiple of 8)."
+                )}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": (
+                    "Optional: where the subject is (e.g. the face), same size as the photos; the loss counts only there."
+                )}),
+                "init": (IDENTITY, {"tooltip": "Optional: start from this identity (e.g. from Cross-Init Embed) instead of the preset's."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def train(self, model: list, clip: list, vae: list, images: list, preset: list, steps: list,
+              learning_rate: list, batch_size: list, reg_weight: list, seed: list, resolution: list,
+              mask: list | None = None, init: list | None = None, unique_id: list | None = None) -> tuple:
+        """Run the core trainer on the graph's models; a Cancel raises ComfyUI's interrupt and returns nothing."""
+        import comfy.model_management as mm
+
+        pixels = join_batches(images, "images").movedim(-1, 1).float() * 2 - 1
+        masks = check_masks(join_batches(mask, "mask"), pixels) if mask else None
+        pixels, resolution = _fit(pixels, int(_first(resolution)))
+        masks = fit_tensor(masks, resolution) if masks is not None else None
+        name = _first(preset)
+        if name not in PRESETS:
+            raise InputError(f"preset: unknown '{name}'; choose one of {', '.join(PRESETS)}")
+        reg = float(_first(reg_weight))
+        config = preset_config(
+            PRESETS[name], steps=int(_first(steps)) or None, learning_rate=float(_first(learning_rate)) or None,
+            batch_size=int(_first(batch_size)) or None, reg_weight=None if reg < 0 else reg,
+            seed=int(_first(seed)), resolution=resolution,
+        )
+        start = _normal(_first(init)) if init and _first(init) is not None else None
+        progress = _Progress(config.steps, _first(unique_id))
+        core_model = comfy_model(_first(model), _first(clip), _first(vae))  # refuses other families before any copy
+        with trainable(_first(model), _first(clip)):
+            trainer = Trainer(core_model, pixels.clone(), config, init=start, masks=masks)
+            result = trainer.run(on_step=progress, should_stop=mm.processing_interrupted)
+        if result.stopped == "cancelled":
+            raise mm.InterruptProcessingException()
+        if result.stopped:
+            raise RuntimeError(f"training stopped: {result.stopped}; lower learning_rate or check the photos and model")
+        curve = loss_curve_png(result.losses, title=f"identity loss ({name}, {len(result.losses)} steps)")
+        return (result.identity, _image_tensor(curve))
+
+
+def _fit(pixels: torch.Tensor, resolution: int) -> tuple[torch.Tensor, int]:
+    """Photos resized to the training resolution; with 0, their own size, which must suit the VAE."""
+    if resolution == 0:
+        height, width = pixels.shape[-2:]
+        if height % 8 or width % 8:
+            raise InputError(f"images: {width}x{height} is not a multiple of 8; set resolution (e.g. 512) to resize them")
+        return pixels, min(height, width)
+    return fit_tensor(pixels, resolution), resolution
+
+
+class _Progress:
+    """Step callback: ComfyUI's progress bar plus a websocket event with the loss for the pack's front-end."""
+
+    def __init__(self, total: int, node_id: str | None) -> None:
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(total)
+        self.node_id = node_id
+        self.server = _prompt_server()
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        """Report one finished step."""
+        self.bar.update_absolute(step, total)
+        if self.server is not None:
+            event = {"node": self.node_id, "step": step, "total": total, "loss": loss}
+            self.server.send_sync("identity_tokens.progress", event, getattr(self.server, "client_id", None))
+
+
+def _prompt_server() -> object | None:
+    """ComfyUI's running PromptServer, or None outside a server (tests, scripts): the progress bar is then enough."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
+class ApplyIdentity:
+    """A text prompt with up to three identities, each at its trigger word, as CONDITIONING for any sampler."""
+
+    DESCRIPTION = (
+        "Encodes a prompt like CLIP Text Encode, with each identity's vectors where its trigger word is. "
+        "Prompt weights such as (alice:1.2) work; the result equals stock 'embedding:NAME' for a saved identity."
+    )
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        """Sockets and widgets."""
+        trigger_tip = "The word in the prompt that stands for this identity; empty uses the identity's own name (its file name when loaded)."
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "The CLIP of the checkpoint you sample with (same family as the identity)."}),
+                "text": ("STRING", {"multiline": True, "default": "a photo of <identity>", "tooltip": (
+                    "The prompt; write each trigger word where its subject should appear."
+                )}),
+                "identity": (IDENTITY, {"tooltip": "The identity to place at the trigger word."}),
+                "trigger": ("STRING", {"default": "", "tooltip": trigger_tip}),
+            },
+            "optional": {
+                "identity_2": (IDENTITY, {"tooltip": "A second identity for the same prompt."}),
+                "trigger_2": ("STRING", {"default": "", "tooltip": trigger_tip}),
+                "identity_3": (IDENTITY, {"tooltip": "A third identity for the same prompt."}),
+                "trigger_3": ("STRING", {"default": "", "tooltip": trigger_tip}),
+            },
+        }
+
+    def apply(self, clip: object, text: str, identity: Identity, trigger: str, identity_2: Identity | None = None,
+              trigger_2: str = "", identity_3: Identity | None = None, trigger_3: str = "") -> tuple[list]:
+        """Encode the prompt with the identities spliced in at their trigger words."""
+        pairs = []
+        for ident, word, label in ((identity, trigger, "identity"), (identity_2, trigger_2, "identity_2"),
+                                   (identity_3, trigger_3, "identity_3")):
+            if ident is None:
+                if word.strip():
+                    raise InputError(f"{label}: its trigger '{word.strip()}' is set but no {label} is connected")
+                continue
+            pairs.append((ident, word.strip() or ident.metadata.get("token", "<identity>"), label))
+        return (encode_with_identities(clip, text, pairs),)
+
+
+def check_save_name(name: str) -> str:
+    """A plain file name for the embeddings folder: letters, digits, '-', '_' and '.', no path parts."""
+    stem = name.strip()
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if not NAME_RULE.fullmatch(stem) or ".." in stem or stem.endswith("."):
+        raise InputError(
+            f"name: '{name}' is not a usable file name; use letters, digits, '-', '_' or '.' (no folders, no '..'), "
+            "e.g. my-identity"
+        )
+    return stem
+
+
+class SaveIdentity:
+    """Writes an identity into models/embeddings as a standard file that stock ComfyUI loads as embedding:NAME."""
+
+    DESCRIPTION = (
+        "Saves the identity as models/embeddings/NAME.safetensors. Stock CLIP Text Encode then uses it with "
+        "'embedding:NAME', and A1111 and diffusers load the same file. Never overwrites unless asked."
+    )
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        """Sockets and widgets."""
+        return {
+            "required": {
+                "identity": (IDENTITY, {"tooltip": "The identity to save."}),
+                "name": ("STRING", {"default": "my-identity", "tooltip": (
+                    "File name without extension; also the word for 'embedding:NAME' and Load Identity."
+                )}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
+            }
+        }
+
+    def save(self, identity: Identity, name: str, overwrite: bool) -> dict:
+        """Write the file atomically; an existing name without overwrite is an error and the file is kept."""
+        import folder_paths
+
+        stem = check_save_name(name)
+        folder = Path(folder_paths.get_folder_paths("embeddings")[0])
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{stem}.safetensors"
+        if path.exists() and not overwrite:
+            raise InputError(
+                f"name: {path.name} already exists in {folder}; choose another name or turn on overwrite"
+            )
+        save_identity(identity, path, token=stem, overwrite=bool(overwrite))
+        return {"ui": {"text": [str(path)]}}
+
+
+class LoadIdentity:
+    """Reads an identity from models/embeddings: files of this pack, A1111, diffusers or Cross-Init."""
+
+    DESCRIPTION = "Loads an identity (or any textual-inversion embedding) from models/embeddings."
+    RETURN_TYPES = (IDENTITY,)
+    RETURN_NAMES = ("identity",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        """A dropdown of the embeddings folder."""
+        import folder_paths
+
+        names = [n for n in folder_paths.get_filename_list("embeddings") if n.lower().endswith(IDENTITY_FILE_SUFFIXES)]
+        return {"required": {"name": (sorted(names), {"tooltip": (
+            "A file in models/embeddings; its trigger word is the file name unless you set one in Apply Identity. "
+            "Press R in ComfyUI to refresh the list after saving."
+        )})}}
+
+    @classmethod
+    def IS_CHANGED(cls, name: str) -> float:
+        """Reload when the file changes."""
+        import folder_paths
+
+        path = folder_paths.get_full_path("embeddings", name)
+        return os.path.getmtime(path) if path else 0.0
+
+    def load(self, name: str) -> tuple[Identity]:
+        """Read the file safely (no pickled code) and name the identity after it."""
+        import folder_paths
+
+        path = folder_paths.get_full_path("embeddings", name)
+        if path is None:
+            raise InputError(f"name: '{name}' is not in models/embeddings; pick a file from the list (R refreshes it)")
+        identity = load_identity(Path(path))
+        stem = Path(name).name.rsplit(".", 1)[0]
+        return (Identity(identity.rows, {**identity.metadata, "token": stem}),)
+
+
+NODE_CLASSES = {
+    "IdentityTokens_CrossInitEmbed": (CrossInitEmbed, "Cross-Init Embed"),
+    "IdentityTokens_TrainIdentityToken": (TrainIdentityToken, "Train Identity Token"),
+    "IdentityTokens_ApplyIdentity": (ApplyIdentity, "Apply Identity"),
+    "IdentityTokens_SaveIdentity": (SaveIdentity, "Save Identity"),
+    "IdentityTokens_LoadIdentity": (LoadIdentity, "Load Identity"),
+}
