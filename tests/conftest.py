@@ -35,3 +35,7 @@ def images() -> torch.Tensor:
     second = base.clone()
     second[:, 16:48, 16:48] = 0.8
     return torch.stack([base, second])
+
+
+from tests.conftest_comfy import comfy_server  # noqa: E402, F401  (one ComfyUI server per session)
+from tests.conftest_comfy_tiny import comfy_embeddings, comfy_tiny, fresh_comfy_tiny  # noqa: E402, F401

@@ -1,0 +1,283 @@
+"""The pack's node classes called in-process on CI's ComfyUI, under torch.inference_mode() as the executor runs them.
+
+Apply Identity must give exactly what stock CLIPTextEncode gives for `embedding:NAME` of the saved file; user mistakes
+are InputErrors naming the input; Cancel raises ComfyUI's interrupt; training leaves the MODEL's values unchanged.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.comfy_tiny import TinyComfy, comfy_ready, unet_output
+from tests.conftest_comfy_tiny import TinyFactory
+
+comfy_ready()  # 'identity_tokens', 'comfy' and 'folder_paths' importable from here on
+import comfy.model_base  # noqa: E402
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+from identity_tokens.core.errors import InputError  # noqa: E402
+from identity_tokens.core.identity import Identity  # noqa: E402
+from identity_tokens.nodes.identity_nodes import (  # noqa: E402
+    ApplyIdentity,
+    CrossInitEmbed,
+    LoadIdentity,
+    SaveIdentity,
+    TrainIdentityToken,
+)
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture()
+def embeddings(comfy_embeddings: Path) -> Iterator[Path]:
+    """folder_paths' embeddings folder pointed at a new folder inside the one the tiny CLIPs' tokenizers search."""
+    folder = Path(tempfile.mkdtemp(dir=comfy_embeddings))
+    saved = folder_paths.folder_names_and_paths.get("embeddings")
+    folder_paths.folder_names_and_paths["embeddings"] = ([str(folder)], folder_paths.supported_pt_extensions)
+    folder_paths.filename_list_cache.pop("embeddings", None)
+    try:
+        yield folder
+    finally:
+        if saved is None:
+            folder_paths.folder_names_and_paths.pop("embeddings", None)
+        else:
+            folder_paths.folder_names_and_paths["embeddings"] = saved
+        folder_paths.filename_list_cache.pop("embeddings", None)
+
+
+def _identity(tiny: TinyComfy, n: int = 2, seed: int = 0, token: str = "<identity>") -> Identity:
+    """An identity with random rows for every encoder of the tiny model, at CLIP token-embedding scale."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = {enc.key: torch.randn(n, enc.width, generator=gen) * 0.5 for enc in tiny.model.encoders}
+    return Identity(rows, {"token": token, "base_family": tiny.family})
+
+
+def _stock(clip: object, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What stock CLIPTextEncode computes for text (embedding:NAME read from the embeddings folders)."""
+    with torch.inference_mode():
+        return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+
+
+def _apply(clip: object, text: str, identity: Identity, trigger: str = "", **more: object) -> tuple[torch.Tensor, ...]:
+    """Run the Apply Identity node as the executor would; return (cond, pooled) of its single CONDITIONING entry."""
+    with torch.inference_mode():
+        (conditioning,) = ApplyIdentity().apply(clip, text, identity, trigger, **more)
+    assert isinstance(conditioning, list) and len(conditioning) == 1
+    cond, extra = conditioning[0]
+    return cond, extra["pooled_output"]
+
+
+def _save_and_load(identity: Identity, name: str) -> Identity:
+    """Save Identity then Load Identity, as a user would between two workflows."""
+    with torch.inference_mode():
+        result = SaveIdentity().save(identity, name, False)
+        assert Path(result["ui"]["text"][0]).name == f"{name}.safetensors"
+        assert f"{name}.safetensors" in LoadIdentity.INPUT_TYPES()["required"]["name"][0]
+        (loaded,) = LoadIdentity().load(f"{name}.safetensors")
+    return loaded
+
+
+def _stock_found_embedding(clip: object, text: str) -> bool:
+    """Whether ComfyUI's tokenizer put embedding vectors (tensors) into the tokens of text."""
+    tokens = clip.tokenize(text)
+    return all(any(isinstance(tok, torch.Tensor) for chunk in chunks for tok, _ in chunk) for chunks in tokens.values())
+
+
+# --- Apply Identity equals stock embedding:NAME ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_apply_identity_equals_stock_embedding(comfy_tiny: TinyFactory, embeddings: Path, family: str) -> None:
+    tiny = comfy_tiny(family)
+    name = f"tt-alice-{family}"
+    loaded = _save_and_load(_identity(tiny, n=2, seed=1), name)
+    assert loaded.metadata["token"] == name
+    assert _stock_found_embedding(tiny.clip, f"a photo of embedding:{name} smiling")
+    cases = [
+        (f"a photo of {name} smiling", f"a photo of embedding:{name} smiling"),
+        (f"a photo of ({name}:1.2) smiling", f"a photo of (embedding:{name}:1.2) smiling"),
+    ]
+    results = []
+    for ours, stock in cases:
+        cond, pooled = _apply(tiny.clip, ours, loaded)
+        expected, expected_pooled = _stock(tiny.clip, stock)
+        torch.testing.assert_close(cond, expected, **TOL)
+        torch.testing.assert_close(pooled, expected_pooled, **TOL)
+        results.append(cond)
+    plain, _ = _stock(tiny.clip, "a photo of person smiling")
+    assert float((results[0] - plain).abs().max()) > 1e-2  # the identity really is in the conditioning
+    assert float((results[1] - results[0]).abs().max()) > 1e-3  # and the weight really is applied
+    # An explicit trigger word works the same as the file name.
+    cond, _ = _apply(tiny.clip, "a photo of <alice> smiling", loaded, "<alice>")
+    torch.testing.assert_close(cond, results[0], **TOL)
+
+
+def test_apply_identity_with_two_identities(comfy_tiny: TinyFactory, embeddings: Path) -> None:
+    tiny = comfy_tiny("sd1")
+    bob = _save_and_load(_identity(tiny, n=1, seed=2), "tt-bob")
+    carol = _save_and_load(_identity(tiny, n=3, seed=3), "tt-carol")
+    cond, pooled = _apply(tiny.clip, "tt-bob and tt-carol at the beach", bob, "", identity_2=carol, trigger_2="")
+    expected, expected_pooled = _stock(tiny.clip, "embedding:tt-bob and embedding:tt-carol at the beach")
+    torch.testing.assert_close(cond, expected, **TOL)
+    torch.testing.assert_close(pooled, expected_pooled, **TOL)
+    swapped, _ = _apply(tiny.clip, "tt-carol and tt-bob at the beach", bob, "", identity_2=carol, trigger_2="")
+    assert float((swapped - cond).abs().max()) > 1e-2
+
+
+# --- user mistakes are InputErrors that name the input ---------------------------------------------------------
+
+
+def _train(tiny: TinyComfy, images: list[torch.Tensor], **overrides: object) -> tuple:
+    """Call Train Identity Token as the executor does (INPUT_IS_LIST: every input a list) in inference mode."""
+    values: dict[str, object] = {
+        "model": tiny.patcher, "clip": tiny.clip, "vae": tiny.vae, "preset": "Cross-Init fast", "steps": 2,
+        "learning_rate": 0.0, "batch_size": 1, "reg_weight": -1.0, "seed": 0, "resolution": 64,
+    }
+    values.update(overrides)
+    lists = {key: value if isinstance(value, list) else [value] for key, value in values.items()}
+    with torch.inference_mode():
+        return TrainIdentityToken().train(images=images, **lists)
+
+
+def _photos(count: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """A ComfyUI IMAGE batch (N, H, W, 3) in [0, 1] with some structure."""
+    gen = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0, 1, size)
+    base = torch.stack([ramp.view(1, -1).expand(size, size), ramp.view(-1, 1).expand(size, size),
+                        1 - ramp.view(1, -1).expand(size, size)], dim=-1)
+    return (base.unsqueeze(0) * 0.7 + 0.3 * torch.rand(count, size, size, 3, generator=gen)).clamp(0, 1)
+
+
+def test_train_refuses_unsupported_model(comfy_tiny: TinyFactory, embeddings: Path) -> None:
+    tiny = comfy_tiny("sd1")
+    video = comfy.model_base.SVD_img2vid.__new__(comfy.model_base.SVD_img2vid)  # a MODEL of another family
+    torch.nn.Module.__init__(video)
+    video.diffusion_model = torch.nn.Linear(2, 2)  # just enough for ComfyUI to load it
+    video.diffusion_model.dtype = torch.float32
+    video.model_type = comfy.model_base.ModelType.V_PREDICTION_EDM
+    device = comfy.model_management.get_torch_device()
+    patcher = comfy.model_patcher.ModelPatcher(video, load_device=device, offload_device=device)
+    clip_params = list(tiny.clip.cond_stage_model.parameters())
+    with pytest.raises(InputError, match=r"^model: "):
+        _train(tiny, [_photos()], model=patcher)
+    # Refused before any work: the CLIP's weights were not swapped for training copies.
+    assert all(a is b for a, b in zip(clip_params, tiny.clip.cond_stage_model.parameters()))
+
+
+def test_train_refuses_images_of_different_sizes(comfy_tiny: TinyFactory, embeddings: Path) -> None:
+    with pytest.raises(InputError, match=r"^images: .*different sizes"):
+        _train(comfy_tiny("sd1"), [_photos(1, 64), _photos(1, 72)])
+
+
+def test_train_refuses_mask_of_another_size(comfy_tiny: TinyFactory, embeddings: Path) -> None:
+    with pytest.raises(InputError, match=r"^mask: "):
+        _train(comfy_tiny("sd1"), [_photos(2, 64)], mask=[torch.ones(2, 32, 32)])
+
+
+def test_apply_refuses_prompt_without_trigger(comfy_tiny: TinyFactory) -> None:
+    tiny = comfy_tiny("sd1")
+    with pytest.raises(InputError, match=r"^text: .*<alice>"):
+        _apply(tiny.clip, "a photo of a man", _identity(tiny), "<alice>")
+
+
+def test_apply_refuses_sd1_identity_on_sdxl_clip(comfy_tiny: TinyFactory) -> None:
+    sd1_identity = _identity(comfy_tiny("sd1"))
+    with pytest.raises(InputError, match=r"^identity: "):
+        _apply(comfy_tiny("sdxl").clip, "a photo of <identity>", sd1_identity)
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", "..", "x/../../y"])
+def test_save_refuses_bad_names(comfy_tiny: TinyFactory, embeddings: Path, name: str) -> None:
+    with torch.inference_mode(), pytest.raises(InputError, match=r"^name: "):
+        SaveIdentity().save(_identity(comfy_tiny("sd1")), name, False)
+    assert list(embeddings.parent.rglob("x.safetensors")) == []
+    assert list(embeddings.iterdir()) == []
+
+
+def test_save_keeps_an_existing_file_unless_overwrite(comfy_tiny: TinyFactory, embeddings: Path) -> None:
+    tiny = comfy_tiny("sd1")
+    _save_and_load(_identity(tiny, seed=1), "tt-existing")
+    path = embeddings / "tt-existing.safetensors"
+    before = path.read_bytes()
+    with torch.inference_mode(), pytest.raises(InputError, match=r"^name: .*overwrite"):
+        SaveIdentity().save(_identity(tiny, seed=2), "tt-existing", False)
+    assert path.read_bytes() == before
+    with torch.inference_mode():
+        SaveIdentity().save(_identity(tiny, seed=2), "tt-existing", True)
+    assert path.read_bytes() != before
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def progress_hook() -> Iterator[Callable[[Callable[[int, int], None]], None]]:
+    """install(fn): route ComfyUI's progress-bar updates to fn(value, total); restores the hook and the interrupt flag."""
+    saved = comfy.utils.PROGRESS_BAR_HOOK
+
+    def install(fn: Callable[[int, int], None]) -> None:
+        comfy.utils.set_progress_bar_global_hook(lambda value, total, preview=None: fn(value, total))
+
+    try:
+        yield install
+    finally:
+        comfy.utils.set_progress_bar_global_hook(saved)
+        comfy.model_management.interrupt_current_processing(False)
+
+
+def test_cancel_interrupts_training(comfy_tiny: TinyFactory, embeddings: Path, progress_hook: Callable) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def cancel_after_first_step(value: int, total: int) -> None:
+        seen.append((value, total))
+        if value >= 1:
+            comfy.model_management.interrupt_current_processing(True)  # what POST /interrupt does
+
+    progress_hook(cancel_after_first_step)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _train(comfy_tiny("sd1"), [_photos()], steps=6)
+    assert seen == [(1, 6)]  # it stopped before a second step
+    assert list(embeddings.iterdir()) == []
+
+
+def test_train_identity_token_short_run(fresh_comfy_tiny: TinyFactory, embeddings: Path,
+                                        progress_hook: Callable) -> None:
+    tiny = fresh_comfy_tiny("sd1")
+    seen: list[tuple[int, int]] = []
+    progress_hook(lambda value, total: seen.append((value, total)))
+    gen = torch.Generator().manual_seed(3)
+    x_t, context = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, 32, generator=gen)
+    t = torch.tensor([500])
+    before = unet_output(tiny, x_t, t, context)
+    cond_before, _ = _stock(tiny.clip, "a photo of a person")
+    with torch.inference_mode():
+        (init,) = CrossInitEmbed().make(tiny.clip, "plain word", 2, "person")
+    identity, curve = _train(tiny, [_photos(2, 80)], init=[init])  # 80 px photos resized to 64
+    assert seen == [(1, 2), (2, 2)]
+    assert isinstance(identity, Identity) and set(identity.rows) == {"clip_l"}
+    assert tuple(identity.rows["clip_l"].shape) == (2, 32) and torch.isfinite(identity.rows["clip_l"]).all()
+    assert not torch.equal(identity.rows["clip_l"], init.rows["clip_l"])  # the rows were trained
+    assert identity.metadata["steps"] == "2" and identity.metadata["base_family"] == "sd1"
+    assert curve.ndim == 4 and curve.shape[0] == 1 and curve.shape[-1] == 3 and curve.shape[1] > 16
+    assert curve.dtype == torch.float32 and float(curve.min()) >= 0 and float(curve.max()) <= 1
+    assert float(curve.std()) > 0.01  # a drawn chart, not a blank image
+    # Training decloned the weights; later nodes (KSampler, CLIPTextEncode) must compute exactly what they did before.
+    torch.testing.assert_close(unet_output(tiny, x_t, t, context), before, rtol=0, atol=0)
+    torch.testing.assert_close(_stock(tiny.clip, "a photo of a person")[0], cond_before, rtol=0, atol=0)
+    # The trained identity is usable downstream in the same graph.
+    cond, _ = _apply(tiny.clip, "a photo of <identity>", identity)
+    assert torch.isfinite(cond).all()
+
+
+def test_train_identity_token_sdxl(fresh_comfy_tiny: TinyFactory, embeddings: Path) -> None:
+    tiny = fresh_comfy_tiny("sdxl")
+    identity, curve = _train(tiny, [_photos(1, 64)], preset="Textual Inversion", learning_rate=0.01)
+    assert {k: tuple(v.shape) for k, v in identity.rows.items()} == {"clip_l": (1, 32), "clip_g": (1, 64)}
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3
