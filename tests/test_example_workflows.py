@@ -1,0 +1,197 @@
+"""example_workflows/*.json: sound UI-format graphs that convert to their API twins in tests/workflows/.
+
+The example files are for users, so they show what a user would run: a real checkpoint name, a real training set-up
+and a full-size image. The twins are what CI runs on the tiny checkpoint. USER_VALUES lists every input where the two
+differ (node id -> input -> the value in the example file); everything else must be equal after conversion.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.comfy_server import ComfyServer
+from tests.ui_workflow import check_ui_format, ordered_inputs, ui_to_api
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "example_workflows"
+TWINS = ROOT / "tests" / "workflows"
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+USER_VALUES: dict[str, dict[str, dict[str, Any]]] = {
+    "train_save_sample": {
+        "1": {"ckpt_name": CHECKPOINT},
+        "2": {"image": "example.png"},  # ComfyUI ships input/example.png; the user uploads their photos here
+        "3": {"preset": "Cross-Init", "steps": 0, "batch_size": 8, "resolution": 512},  # steps 0: the preset's 320
+        "4": {"name": "my-identity"},
+        "8": {"width": 512, "height": 512},
+        "9": {"steps": 20},
+        "11": {"filename_prefix": "identity_tokens"},
+    },
+    "two_identities": {
+        "1": {"ckpt_name": CHECKPOINT},
+        "6": {"width": 512, "height": 512},
+        "7": {"steps": 20},
+    },
+}
+NAMES = sorted(path.name.removesuffix(".json") for path in EXAMPLES.glob("*.json"))
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A JSON file."""
+    return json.loads(path.read_text())
+
+
+def twin(name: str) -> dict[str, Any]:
+    """The API-format twin of an example workflow."""
+    return load(TWINS / f"{name}.api.json")
+
+
+def as_ci_prompt(name: str, prompt: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
+    """A converted example made comparable with its twin: CI values put back, unset optional defaults and titles dropped."""
+    expected = twin(name)
+    result: dict[str, Any] = {}
+    for node_id, entry in prompt.items():
+        inputs = dict(entry["inputs"])
+        for key, user_value in USER_VALUES.get(name, {}).get(node_id, {}).items():
+            assert inputs.get(key) == user_value, (
+                f"{name} node {node_id} {key}: {inputs.get(key)!r}, not {user_value!r}"
+            )
+            inputs[key] = expected[node_id]["inputs"][key]
+        optional = object_info[entry["class_type"]]["input"].get("optional", {})
+        for key, spec in optional.items():  # the frontend sends optional widgets the twin may leave to their default
+            options = spec[1] if len(spec) > 1 else {}
+            if key in inputs and key not in expected.get(node_id, {}).get("inputs", {}):
+                if inputs[key] == options.get("default"):
+                    del inputs[key]
+        result[node_id] = {"class_type": entry["class_type"], "inputs": inputs}
+    return result
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server: ComfyServer) -> dict[str, Any]:
+    """/object_info of the session's ComfyUI server (tests/conftest_comfy.py): ComfyUI's nodes and this pack's."""
+    return comfy_server.object_info()
+
+
+def test_every_example_has_an_api_twin() -> None:
+    twins = sorted(path.name.removesuffix(".api.json") for path in TWINS.glob("*.api.json"))
+    assert NAMES and NAMES == twins
+    assert set(USER_VALUES) <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_is_sound_ui_format(name: str) -> None:
+    ui = load(EXAMPLES / f"{name}.json")
+    assert check_ui_format(ui) == []
+    notes = [node for node in ui["nodes"] if node["type"] == "Note"]
+    assert notes and all(isinstance(n["widgets_values"][0], str) and n["widgets_values"][0].strip() for n in notes)
+    assert "checkpoint" in notes[0]["widgets_values"][0].lower()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_matches_object_info(name: str, object_info: dict[str, Any]) -> None:
+    assert check_ui_format(load(EXAMPLES / f"{name}.json"), object_info) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_converts_to_its_api_twin(name: str, object_info: dict[str, Any]) -> None:
+    prompt = ui_to_api(load(EXAMPLES / f"{name}.json"), object_info)
+    assert as_ci_prompt(name, prompt, object_info) == {
+        node_id: {"class_type": entry["class_type"], "inputs": entry["inputs"]} for node_id, entry in twin(name).items()
+    }
+
+
+# The converter on its own, with a hand-written object_info (no server needed).
+TOY_INFO: dict[str, Any] = {
+    "Source": {"input": {"required": {}}, "output": ["NUMBER"], "output_name": ["NUMBER"]},
+    "Sink": {
+        "input": {
+            "required": {
+                "seed": ["INT", {"default": 0}],
+                "mode": [["a", "b"]],
+                "image": [["x.png"], {"image_upload": True}],
+                "value": ["INT", {"default": 1}],
+            },
+            "optional": {"extra": ["FLOAT", {"default": 0.5}], "other": ["NUMBER"]},
+        },
+        "output": [],
+        "output_name": [],
+    },
+}
+
+
+def toy(widgets: list[Any] | dict[str, Any], link_value: bool) -> dict[str, Any]:
+    """A Source -> Reroute -> Sink graph; the link goes to Sink's widget 'value' or to its socket 'other'."""
+    target = "value" if link_value else "other"
+    sink_inputs = [{"name": target, "type": "NUMBER", "link": 2}]
+    if link_value:
+        sink_inputs[0]["widget"] = {"name": "value"}
+    return {
+        "last_node_id": 4,
+        "last_link_id": 2,
+        "nodes": [
+            {
+                "id": 1,
+                "type": "Source",
+                "outputs": [{"name": "NUMBER", "type": "NUMBER", "links": [1], "slot_index": 0}],
+            },
+            {
+                "id": 2,
+                "type": "Reroute",
+                "inputs": [{"name": "", "type": "*", "link": 1}],
+                "outputs": [{"name": "", "type": "NUMBER", "links": [2]}],
+            },
+            {"id": 3, "type": "Sink", "inputs": sink_inputs, "outputs": [], "widgets_values": widgets},
+            {"id": 4, "type": "Note", "widgets_values": ["hello"]},
+        ],
+        "links": [[1, 1, 0, 2, 0, "NUMBER"], [2, 2, 0, 3, 0, "NUMBER"]],
+        "version": 0.4,
+    }
+
+
+def test_converter_skips_seed_control_and_upload_values_and_follows_reroutes() -> None:
+    prompt = ui_to_api(toy([7, "fixed", "b", "x.png", "image", 3, 0.25], link_value=False), TOY_INFO)
+    assert prompt == {
+        "1": {"class_type": "Source", "inputs": {}},
+        "3": {
+            "class_type": "Sink",
+            "inputs": {"seed": 7, "mode": "b", "image": "x.png", "value": 3, "extra": 0.25, "other": ["1", 0]},
+        },
+    }
+
+
+def test_converter_lets_a_link_replace_a_widget_and_reads_old_files() -> None:
+    # No control or upload values (an older frontend), no value for the optional widget (a file that predates it).
+    prompt = ui_to_api(toy([7, "b", "x.png", 3], link_value=True), TOY_INFO)
+    assert prompt["3"]["inputs"] == {"seed": 7, "mode": "b", "image": "x.png", "value": ["1", 0]}
+
+
+def test_converter_reads_the_2023_boolean_seed_control() -> None:
+    prompt = ui_to_api(toy([7, True, "b", "x.png", "image", 3], link_value=False), TOY_INFO)
+    assert prompt["3"]["inputs"] == {"seed": 7, "mode": "b", "image": "x.png", "value": 3, "other": ["1", 0]}
+
+
+def test_converter_reads_widgets_saved_by_name() -> None:
+    prompt = ui_to_api(toy({"seed": 1, "mode": "a", "image": "x.png", "value": 2}, link_value=False), TOY_INFO)
+    assert prompt["3"]["inputs"] == {"seed": 1, "mode": "a", "image": "x.png", "value": 2, "other": ["1", 0]}
+
+
+def test_converter_rejects_leftover_widget_values() -> None:
+    with pytest.raises(ValueError, match="widget values"):
+        ui_to_api(toy([7, "fixed", "b", "x.png", "image", 3, 0.25, "surplus"], link_value=False), TOY_INFO)
+
+
+def test_format_check_finds_broken_links() -> None:
+    ui = toy([7, "b", "x.png", 3], link_value=False)
+    ui["nodes"][0]["outputs"][0]["links"] = []
+    ui["links"][1][5] = "FLOAT"
+    problems = check_ui_format(ui)
+    assert any("not listed in node 1" in p for p in problems) and any("type FLOAT" in p for p in problems)
+
+
+def test_ordered_inputs_follows_input_order() -> None:
+    info = {"input": {"required": {"b": ["INT"], "a": ["INT"]}}, "input_order": {"required": ["a", "b"]}}
+    assert [name for name, _ in ordered_inputs(info)] == ["a", "b"]
