@@ -8,6 +8,12 @@ from .errors import InputError
 from .protocols import MAX_TOKENS, SLOT, TextEncoder
 
 
+def in_vocabulary(vocab: dict[str, int], word: str) -> bool:
+    """Whether word is one entry of a CLIP BPE vocabulary already (as a whole word or a word piece)."""
+    lowered = word.lower()
+    return lowered in vocab or f"{lowered}</w>" in vocab
+
+
 def prompt_ids(encoder: TextEncoder, prompt: str, n_rows: int) -> tuple[list[int], list[int]]:
     """77 ids for a prompt with n_rows placeholder ids at SLOT, and the positions of those rows."""
     bos, eos, pad = encoder.special_ids()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import InputError
-from ..core.prompts import PromptCache
+from ..core.prompts import PromptCache, in_vocabulary
 from ..core.protocols import Conditioning, EncodedText, Model
 
 ENCODER_ORDER = ("clip_l", "clip_h", "clip_g")  # SDXL's context is clip_l then clip_g, as core.condition joins it
@@ -86,9 +86,7 @@ class ComfyTextEncoder:
 
     def in_vocabulary(self, word: str) -> bool:
         """Whether word is one vocabulary entry already."""
-        vocab = self.tokenizer.tokenizer.get_vocab()
-        lowered = word.lower()
-        return lowered in vocab or f"{lowered}</w>" in vocab
+        return in_vocabulary(self.tokenizer.tokenizer.get_vocab(), word)
 
     def token_table(self) -> torch.Tensor:
         """The frozen input token-embedding table."""

@@ -162,7 +162,7 @@ class TrainIdentityToken:
         progress = _Progress(config.steps, _first(unique_id))
         core_model = comfy_model(_first(model), _first(clip), _first(vae))  # refuses other families before any copy
         with trainable(_first(model), _first(clip)):
-            trainer = Trainer(core_model, pixels.clone(), config, init=start, masks=masks)
+            trainer = Trainer(core_model, pixels, config, init=start, masks=masks)
             result = trainer.run(on_step=progress, should_stop=mm.processing_interrupted)
         if result.stopped == "cancelled":
             raise mm.InterruptProcessingException()

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import InputError
-from ..prompts import PromptCache
+from ..prompts import PromptCache, in_vocabulary
 from ..protocols import Conditioning, EncodedText
 
 # Conditioning layer per family (METHODS.md 0.2): the last layer after final LayerNorm, or the raw penultimate one.
@@ -34,9 +34,7 @@ class DiffusersTextEncoder:
 
     def in_vocabulary(self, word: str) -> bool:
         """Whether word is one vocabulary entry already (as a whole word or a word piece)."""
-        vocab = self.tokenizer.get_vocab()
-        lowered = word.lower()
-        return lowered in vocab or f"{lowered}</w>" in vocab
+        return in_vocabulary(self.tokenizer.get_vocab(), word)
 
     def token_table(self) -> torch.Tensor:
         """The frozen input token-embedding table."""
