@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import pickle
+import re
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +14,8 @@ import torch
 
 from .backends.diffusers import place_components
 from .errors import InputError
+from .models import PREDICTION_TYPES
+from .pickles import PickleRefused, PickleUnreadable, load_weights_only
 from .protocols import Model
 from .tiny import model_from_components
 from .vocab import load_clip_tokenizer
@@ -21,7 +23,6 @@ from .vocab import load_clip_tokenizer
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -30,6 +31,9 @@ SD2_CLIP = "cond_stage_model.model."
 SDXL_CLIP_L = "conditioner.embedders.0.transformer."
 SDXL_CLIP_G = "conditioner.embedders.1.model."
 REFINER_CLIP_G = "conditioner.embedders.0.model."
+log = logging.getLogger(__name__)
+V_PRED_NORM_STD = 0.09  # ComfyUI's SD2 rule: v models have a wider norm1 bias in the last output attention block
+_OUTPUT_NORM_BIAS = re.compile(r"model\.diffusion_model\.output_blocks\.(\d+)\.1\.transformer_blocks\.0\.norm1\.bias")
 V_PRED_MARKER = "v_pred"  # an empty tensor ComfyUI writes into v-prediction checkpoints it saves
 
 # Where each family's text encoders keep their token table, for the width check against the UNet.
@@ -70,16 +74,14 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of a pickle checkpoint, read without running any code it names."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+        loaded = load_weights_only(path)
+    except PickleRefused as refusal:
         raise InputError(
-            f"checkpoint {path}: refused; its pickle asks for Python objects that are not tensor data, and loading "
-            f"it could run code ({_first_line(error)}); use a .safetensors version of this model"
-        ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise InputError(
-            f"checkpoint {path}: not a readable checkpoint ({_first_line(error)}); re-download it"
-        ) from error
+            f"checkpoint {path}: refused; {refusal}, which could run code when read, and nothing in it was run; "
+            "use a .safetensors version of this model"
+        ) from None
+    except PickleUnreadable as damage:
+        raise InputError(f"checkpoint {path}: not a readable checkpoint ({damage}); re-download it") from None
     while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
@@ -180,17 +182,38 @@ def _name_hints_v(name: str) -> bool:
     return "768" in lowered or any(tag in lowered for tag in ("v-pred", "vpred", "v_pred", "v-prediction"))
 
 
-def prediction_type_for(family: str, keys: Collection[str], name: str, requested: str | None = None) -> str | None:
-    """Requested type, else v for ComfyUI's 'v_pred' key or an SD2 '768'/'vpred' name, else None (the config's)."""
+def _last_attention_norm_bias(checkpoint: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The first LayerNorm bias of the UNet's last output attention block (output_blocks.11.1 in a real SD2)."""
+    found = {}
+    for key, value in checkpoint.items():
+        match = _OUTPUT_NORM_BIAS.fullmatch(key)
+        if match is not None:
+            found[int(match.group(1))] = value
+    return found[max(found)] if found else None
+
+
+def prediction_type_for(
+    family: str, checkpoint: Mapping[str, torch.Tensor], name: str, requested: str | None = None
+) -> tuple[str | None, str]:
+    """(type, why): the requested one; else v for ComfyUI's 'v_pred' key; else, for SD2, ComfyUI's rule on the weights
+    (the last output attention block's norm1 bias has std > 0.09 in v models); a '768'/'vpred' name only when the
+    weights cannot tell. None means the shipped config's (epsilon)."""
     if requested is not None:
         if requested not in PREDICTION_TYPES:
             raise InputError(f"prediction_type: '{requested}' is not known; use one of {', '.join(PREDICTION_TYPES)}")
-        return requested
-    if V_PRED_MARKER in keys:
-        return "v_prediction"
-    if family == "sd2" and _name_hints_v(name):
-        return "v_prediction"
-    return None
+        return requested, "as requested"
+    if V_PRED_MARKER in checkpoint:
+        return "v_prediction", "from the checkpoint's v_pred marker"
+    if family != "sd2":
+        return None, "the family's default"
+    bias = _last_attention_norm_bias(checkpoint)
+    if bias is not None and bias.numel() > 1:
+        spread = float(bias.float().std(unbiased=False))
+        kind = "v_prediction" if spread > V_PRED_NORM_STD else "epsilon"
+        return kind, f"from the weights (norm bias std {spread:.3f}, v above {V_PRED_NORM_STD}, as ComfyUI decides)"
+    if _name_hints_v(name):
+        return "v_prediction", "from the file name (the weights have no block to tell by)"
+    return None, "the family's default"
 
 
 def shipped_config_dir(family: str, prediction_type: str | None) -> Path:
@@ -239,13 +262,13 @@ class _DropDtypeWarning(logging.Filter):
 @contextmanager
 def _quiet_dtype_casts() -> Iterator[None]:
     """Within the block, diffusers' empty keep-in-float32 warning is not shown."""
-    log = logging.getLogger("diffusers.models.modeling_utils")
+    diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
     drop = _DropDtypeWarning()
-    log.addFilter(drop)
+    diffusers_log.addFilter(drop)
     try:
         yield
     finally:
-        log.removeFilter(drop)
+        diffusers_log.removeFilter(drop)
 
 
 def _load_diffusers_model(
@@ -346,7 +369,8 @@ def load_single_file(
     checkpoint = normalize_keys(read_state_dict(path))
     shapes = {k: tuple(v.shape) for k, v in checkpoint.items()}
     family = detect_family(checkpoint.keys(), shapes, source)
-    prediction = prediction_type_for(family, checkpoint.keys(), path.stem, prediction_type)
+    prediction, why = prediction_type_for(family, checkpoint, path.stem, prediction_type)
+    log.info("model: %s is %s, prediction type %s (%s)", path.name, family, prediction or "epsilon", why)
     folder = Path(config_dir) if config_dir is not None else shipped_config_dir(family, prediction)
     _check_config_dir(folder, family)
     with _offline(), _quiet_dtype_casts():

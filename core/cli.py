@@ -4,14 +4,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from PIL import Image
+
 from .errors import InputError
-from .trainer import PRESETS, TrainResult
+from .identity import Identity
+from .models import PREDICTION_TYPES
+from .trainer import OUT_OF_MEMORY, PRESETS, TrainResult
 
 EXIT_INPUT, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds, like ComfyUI's seed widgets
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainPlan:
+    """Everything `train` checked before loading the model: outputs, token, device, photos, start identity."""
+
+    paths: dict[str, Path]
+    token: str
+    device: torch.device
+    pictures: list[Image.Image]
+    start: Identity | None
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,9 +53,15 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output file, e.g. out/alice.safetensors")
     p.add_argument(
         "--model",
-        default="tiny",
-        help="'tiny' (random weights, learns nothing pictorial), "
-        "tiny-sd2, tiny-sdxl, a diffusers folder, or a .safetensors checkpoint",
+        required=True,
+        help="a .safetensors checkpoint (e.g. from ComfyUI's models/checkpoints), a diffusers folder, or a built-in "
+        "test model: tiny, tiny-sd2, tiny-sdxl (random weights, they learn nothing pictorial)",
+    )
+    p.add_argument(
+        "--prediction-type",
+        choices=["auto", *PREDICTION_TYPES],
+        default="auto",
+        help="what the UNet predicts; auto reads it from the model (SD2 v models are told from their weights)",
     )
     p.add_argument("--preset", default="cross_init", choices=sorted(PRESETS), help="method and its reference defaults")
     p.add_argument("--token", help="placeholder name stored in the file (default: <file stem>)")
@@ -50,7 +76,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reg-weight", type=float, help="Cross-Init regulariser weight (preset default 1e-5)")
     p.add_argument("--resolution", type=int, help="training resolution (default: the model's native size)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-    p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same identity")
+    p.add_argument("--seed", type=int, default=0, help=f"seed, 0 to {MAX_SEED}; the same seed gives the same identity")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--legacy-pt", action="store_true", help="also write an A1111-style .pt beside the file")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -58,7 +84,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m core` argument parser."""
-    parser = argparse.ArgumentParser(prog="python -m core", description="Identity Tokens: train and inspect identities")
+    prog = "identity-tokens" if Path(sys.argv[0]).name == "identity-tokens" else f"python -m {__package__ or 'core'}"
+    parser = argparse.ArgumentParser(prog=prog, description="Identity Tokens: train and inspect identities")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     p = sub.add_parser("inspect", help="describe an identity file")
@@ -88,6 +115,71 @@ def _output_paths(args: argparse.Namespace) -> dict[str, Path]:
     return paths
 
 
+def _token(args: argparse.Namespace) -> str:
+    """The placeholder token, checked (one word, not a CLIP word) with the flag that fixes it named."""
+    from .formats import file_key
+    from .prompts import in_vocabulary
+    from .vocab import load_clip_tokenizer
+
+    stem = args.out.stem
+    if not stem or any(ch.isspace() for ch in stem):
+        raise InputError(
+            f"--out: the file name '{args.out.name}' has a space; ComfyUI (embedding:NAME) and A1111 use the file "
+            f"name as the trigger word, so name it without spaces, e.g. {'-'.join(stem.split()) or 'my-id'}.safetensors"
+        )
+    flag, token = ("--token", args.token) if args.token is not None else ("--out", f"<{stem}>")
+    bare = token.strip("<>")
+    if not bare or any(ch.isspace() for ch in token) or any(ch in token for ch in "():,"):
+        raise InputError(
+            f"{flag}: the token {token!r} must be one word without spaces, brackets, colons or commas; "
+            f"pass --token <{'-'.join(bare.split()) or 'my-id'}>"
+        )
+    try:
+        vocab = load_clip_tokenizer().get_vocab()
+    except InputError:  # no offline vocabulary here: the trainer checks against the model's own tokenizer
+        vocab = {}
+    if in_vocabulary(vocab, token):
+        raise InputError(
+            f"{flag}: the token '{token}' is already a word of the CLIP vocabulary, so prompts could not tell it "
+            f"apart; pass --token {file_key(token)} or another new word"
+        )
+    return token
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Numbers that are wrong whatever the model: refused before it loads."""
+    if not 0 <= args.seed <= MAX_SEED:
+        raise InputError(f"--seed: {args.seed} is out of range; use a whole number from 0 to {MAX_SEED}")
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--tokens", args.n_tokens)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag}: got {value}; it must be at least 1")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        raise InputError(f"--lr: got {args.learning_rate}; it must be a positive number such as 0.005")
+    if args.resolution is not None:
+        from .images import check_resolution
+
+        check_resolution(args.resolution)
+
+
+def plan_train(args: argparse.Namespace) -> TrainPlan:
+    """Every check on inputs and outputs that needs no model, so nothing is lost to a late error after training."""
+    from .images import list_image_paths, load_image
+    from .models import check_model_spec, resolve_device
+
+    _check_options(args)
+    paths = _output_paths(args)
+    token = _token(args)
+    device = resolve_device(args.device)
+    check_model_spec(args.model)
+    pictures = [load_image(path) for path in list_image_paths(_image_sources(args.images))]
+    start = None
+    if args.init_from is not None:
+        from .formats import load_identity
+
+        start = load_identity(args.init_from)
+    return TrainPlan(paths, token, device, pictures, start)
+
+
 def _image_sources(values: Sequence[str]) -> list[Path]:
     """Paths from --images, with 'sample' meaning the bundled astronaut photo."""
     from .images import sample_photo_path
@@ -96,17 +188,21 @@ def _image_sources(values: Sequence[str]) -> list[Path]:
 
 
 def _save(result: TrainResult, args: argparse.Namespace, paths: dict[str, Path], token: str) -> list[Path]:
-    """Write the identity (or its partial rows), the loss curve and the optional .pt."""
-    from .formats import save_a1111_pt, save_identity
+    """Write the identity (or its partial rows), its loss curve and the optional .pt; a failed write keeps the rows."""
+    from .formats import save_a1111_pt
     from .plot import loss_curve_png
 
-    identity_path = paths["identity"]
-    if result.stopped:
+    identity_path, curve_path = paths["identity"], paths["curve"]
+    if result.stopped:  # a partial run's files sit together, apart from any finished run's
         identity_path = identity_path.with_name(identity_path.stem + ".partial.safetensors")
-    written = [save_identity(result.identity, identity_path, token=token, overwrite=args.overwrite)]
+        curve_path = curve_path.with_name(identity_path.stem + ".loss.png")
+    written = [_save_rows(result, identity_path, token, args.overwrite)]
     title = f"{token}: loss per step" + (f" (stopped: {result.stopped})" if result.stopped else "")
-    loss_curve_png(result.losses, paths["curve"], title=title)
-    written.append(paths["curve"])
+    try:
+        loss_curve_png(result.losses, curve_path, title=title)
+        written.append(curve_path)
+    except OSError as error:
+        log.warning("could not write the loss chart %s (%s); the identity is saved", curve_path, error.strerror or error)
     if "legacy" in paths and not result.stopped:
         written.append(
             save_a1111_pt(result.identity, paths["legacy"], name=token.strip("<>"), overwrite=args.overwrite)
@@ -114,22 +210,47 @@ def _save(result: TrainResult, args: argparse.Namespace, paths: dict[str, Path],
     return written
 
 
+class RowsKeptElsewhere(InputError):
+    """The identity could not be written where asked; the message says where the rows were kept instead."""
+
+
+def _save_rows(result: TrainResult, path: Path, token: str, overwrite: bool) -> Path:
+    """save_identity at `path`; if that fails after training, the rows go to a temp folder and the error says where."""
+    import tempfile
+    import time
+
+    from .formats import save_identity
+
+    try:
+        return save_identity(result.identity, path, token=token, overwrite=overwrite)
+    except InputError as error:
+        folder = Path(tempfile.gettempdir()) / "identity_tokens"
+        fallback = folder / f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            kept = save_identity(result.identity, fallback, token=token, overwrite=False)
+        except (InputError, OSError):
+            raise error from None
+        raise RowsKeptElsewhere(
+            f"--out: {error}. The trained rows are safe in {kept}; copy that file where you want it"
+        ) from None
+
+
 def run_train(args: argparse.Namespace) -> int:
-    """Load, validate, train with a progress bar, save; returns the exit code."""
+    """Check everything, load, train with a progress bar, save; returns the exit code."""
     from tqdm import tqdm
 
-    from .images import load_training_images
-    from .models import default_resolution, load_model, resolve_device
-    from .trainer import Trainer, preset_config
+    from .images import images_to_tensor
+    from .models import default_resolution, load_model
+    from .trainer import Trainer, is_out_of_memory, preset_config
 
-    paths = _output_paths(args)
-    token = args.token or f"<{args.out.stem}>"
-    sources = _image_sources(args.images)
-    model = load_model(args.model, resolve_device(args.device))
+    plan = plan_train(args)
+    prediction_type = None if args.prediction_type == "auto" else args.prediction_type
+    model = load_model(args.model, plan.device, prediction_type)
     resolution = args.resolution or default_resolution(model)
     config = preset_config(
         args.preset,
-        token=token,
+        token=plan.token,
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -142,16 +263,20 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         flip_p=0.0 if args.no_flip else None,
     )
-    images = load_training_images(sources, resolution)
-    start = None
-    if args.init_from is not None:
-        from .formats import load_identity
-
-        start = load_identity(args.init_from)
-    trainer = Trainer(model, images, config, init=start)
+    images = images_to_tensor(plan.pictures, resolution)
+    try:
+        trainer = Trainer(model, images, config, init=plan.start)
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        raise InputError(
+            f"--resolution: out of memory while encoding {images.shape[0]} photo(s) at {resolution}px; "
+            "lower --resolution or free memory on the device"
+        ) from None
     print(
-        f"training {token} on {model.name} ({model.family}), {images.shape[0]} image(s) at {resolution}px, "
-        f"{config.n_tokens} token(s), {config.steps} steps, device {model.denoiser.device}",
+        f"training {plan.token} on {model.name} ({model.family}, {model.denoiser.prediction_type}), "
+        f"{images.shape[0]} image(s) at {resolution}px, {config.n_tokens} token(s), {config.steps} steps, "
+        f"device {model.denoiser.device}",
         file=sys.stderr,
     )
     with tqdm(total=config.steps, desc="training", unit="step") as bar:
@@ -161,23 +286,33 @@ def run_train(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{loss:.4f}")
 
         result = trainer.run(on_step=on_step)
-    written = _save(result, args, paths, token)
+    written = _save(result, args, plan.paths, plan.token)
     for path in written:
         print(f"wrote {path}")
+    return _report_stop(result, trainer.steps_done, written[0], config.batch_size, resolution)
+
+
+def _report_stop(result: TrainResult, steps_done: int, saved: Path, batch_size: int, resolution: int) -> int:
+    """Say why training ended early (and what to change), or how to use the file; returns the exit code."""
     if result.stopped == "interrupted":
+        print(f"interrupted after {steps_done} steps; the rows so far are in {saved} (marked partial)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if result.stopped.startswith(OUT_OF_MEMORY):
         print(
-            f"interrupted after {trainer.steps_done} steps; the rows so far are in {written[0]} (marked partial)",
+            f"training stopped: {result.stopped}. The rows so far are in {saved} (marked partial); lower "
+            f"--batch-size (now {batch_size}) or --resolution (now {resolution}), or free memory, and run again "
+            f"with --init-from {saved} to continue",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return EXIT_STOPPED
     if result.stopped:
         print(
-            f"training stopped: {result.stopped}. The last good rows are in {written[0]} (marked partial); "
+            f"training stopped: {result.stopped}. The last good rows are in {saved} (marked partial); "
             "lower --lr or check the images and model",
             file=sys.stderr,
         )
         return EXIT_STOPPED
-    print(f"use it in ComfyUI as 'embedding:{args.out.stem}' after copying it into models/embeddings")
+    print(f"use it in ComfyUI as 'embedding:{saved.stem}' after copying it into models/embeddings")
     return 0
 
 
@@ -198,11 +333,30 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+class _NoteHandler(logging.Handler):
+    """Notes from the pack's modules as one 'note: ...' line each, on whatever sys.stderr is at the time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"note: {record.getMessage()}", file=sys.stderr)
+
+
+def _show_notes() -> None:
+    """Print the pack's warnings and info (skipped files, detected settings) on stderr, one line each."""
+    package = logging.getLogger(__package__ or "core")
+    if not any(isinstance(handler, _NoteHandler) for handler in package.handlers):
+        package.addHandler(_NoteHandler())
+    package.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; user mistakes print one clear line and exit 2."""
+    """Entry point; user mistakes print one clear line and exit 2, Ctrl-C before training exits 130."""
     args = build_parser().parse_args(argv)
+    _show_notes()
     try:
         return run_train(args) if args.command == "train" else run_inspect(args)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -41,6 +41,25 @@ def _new_temp_path(path: Path) -> Path:
     raise InputError(f"output {path}: could not create a temporary file next to it; clear old .tmp files there")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (else by a brief set-and-restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path) -> None:
+    """Give a written file the mode a plain open() would (0666 less the umask): writers such as safetensors use 0600."""
+    with contextlib.suppress(OSError):  # filesystems without POSIX modes
+        os.chmod(path, 0o666 & ~current_umask())
+
+
 def _fsync_file(path: Path) -> None:
     """Flush a written file's data to disk."""
     with open(path, "rb") as handle:
@@ -84,6 +103,7 @@ def atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool) -> 
     try:
         tmp = _new_temp_path(path)
         write(tmp)
+        _follow_umask(tmp)
         _fsync_file(tmp)
         _publish(tmp, path, overwrite)
         _fsync_dir(path.parent)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +13,7 @@ from safetensors.torch import save_file
 
 from .files import atomic_write
 from .identity import ENCODER_KEYS, WIDTH_TO_ENCODER, Identity, IdentityError
+from .pickles import PickleRefused, PickleUnreadable, gist, load_weights_only
 
 SUPPORTED_SUFFIXES = (".safetensors", ".pt", ".bin")
 METADATA_PREFIX = "identity_tokens."
@@ -25,13 +25,6 @@ A1111_PLACEHOLDER_ID = 265
 SAFE_PICKLE_CLASSES: tuple[type, ...] = (torch.nn.ParameterDict,)
 
 _CROSS_INIT_KEY = re.compile(r"^(?P<stem>.+)_v(?P<index>\d+)$")
-_REFUSAL_MARKERS = (
-    "was not an allowed global",
-    "is blocked",
-    "unrecognized function",
-    "Can only create",
-    "Can only build",
-)
 _LAYOUT_HELP = (
     "expected one of: {'<token>': tensor} (diffusers), {'string_to_param': {'*': tensor}} (A1111/rinongal), "
     "{'<t>_v0': ..., '<t>_v1': ...} (Cross-Initialization), {'clip_l': ..., 'clip_g': ...} (SDXL)"
@@ -53,7 +46,7 @@ def save_identity(identity: Identity, path: Path, *, token: str, overwrite: bool
     """Write `identity` as a .safetensors that A1111, diffusers and ComfyUI load unchanged (METHODS.md 5.5)."""
     path = Path(path)
     _require_suffix(path, ".safetensors")
-    token = _check_name(token, "token", path)
+    token = file_key(_check_name(token, "token", path))
     tensors = _file_tensors(identity, token, path)
     metadata = {"format": "pt"}
     metadata.update({METADATA_PREFIX + key: value for key, value in identity.metadata.items()})
@@ -90,6 +83,15 @@ def save_a1111_pt(identity: Identity, path: Path, *, name: str, overwrite: bool 
         torch.save(data, tmp)
 
     return atomic_write(path, write, overwrite)
+
+
+def file_key(token: str) -> str:
+    """The tensor key of a one-encoder file: the token in angle brackets ('alice' and '<alice>' give '<alice>').
+
+    A1111 and ComfyUI trigger on the file name and ignore the key; diffusers' load_textual_inversion adds the key as a
+    new word, and a bracketed word is never one CLIP already knows, so every loader works without extra arguments.
+    """
+    return f"<{token.strip('<>')}>"
 
 
 def _require_suffix(path: Path, suffix: str) -> None:
@@ -194,7 +196,7 @@ def _read_safetensors(path: Path) -> _Parsed:
             tensors = {key: handle.get_tensor(key) for key in names}
     except Exception as error:  # safetensors raises its own error types for bad headers and truncation
         raise IdentityError(
-            f"identity file {path}: cannot be read as safetensors ({_short(error)}); "
+            f"identity file {path}: cannot be read as safetensors ({gist(error)}); "
             "the file is corrupt or truncated, export or download it again"
         ) from error
     if METADATA_PREFIX + "encoders" in metadata:
@@ -235,52 +237,19 @@ def _parse_own(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
 
 
 def _torch_load(path: Path) -> object:
-    """torch.load with weights_only=True; a retry allowlists only torch's ParameterDict for rinongal files."""
+    """A .pt/.bin through the weights-only unpickler; only torch's ParameterDict (rinongal files) is allowed extra."""
     try:
-        return _weights_only_load(path)
-    except pickle.UnpicklingError as error:
-        if not _is_refusal(error):
-            raise _unreadable(path, error) from error
-    except Exception as error:
-        raise _unreadable(path, error) from error
-    try:
-        with torch.serialization.safe_globals(list(SAFE_PICKLE_CLASSES)):
-            return _weights_only_load(path)
-    except pickle.UnpicklingError as error:
-        if _is_refusal(error):
-            raise IdentityError(
-                f"identity file {path}: refused; its pickle asks for Python code that is not tensor data "
-                f"({_refused_global(error)}), and nothing in it was run. Use a .safetensors embedding, or re-export "
-                "the file from a tool you trust"
-            ) from None
-        raise _unreadable(path, error) from error
-    except Exception as error:
-        raise _unreadable(path, error) from error
-
-
-def _weights_only_load(path: Path) -> object:
-    """The one place a pickle is read: torch's restricted weights_only unpickler, on the CPU."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _is_refusal(error: Exception) -> bool:
-    """Whether torch's weights_only unpickler refused a global (as opposed to finding garbage)."""
-    text = str(error)
-    return any(marker in text for marker in _REFUSAL_MARKERS)
-
-
-def _refused_global(error: Exception) -> str:
-    """The global a refused pickle asked for, as named in torch's message."""
-    match = re.search(r"GLOBAL (\S+)", str(error)) or re.search(r"function (\S+)", str(error))
-    return match.group(1) if match else "an object outside the allowlist"
-
-
-def _unreadable(path: Path, error: Exception) -> IdentityError:
-    """The error for a .pt/.bin that torch cannot read at all."""
-    return IdentityError(
-        f"identity file {path}: cannot be read ({_short(error)}); it is corrupt, truncated or not a PyTorch "
-        "embedding file, export or download it again"
-    )
+        return load_weights_only(path, SAFE_PICKLE_CLASSES)
+    except PickleRefused as refusal:
+        raise IdentityError(
+            f"identity file {path}: refused; {refusal}, which could run code when read, and nothing in it was run. "
+            "Use a .safetensors embedding, or re-export the file from a tool you trust"
+        ) from None
+    except PickleUnreadable as damage:
+        raise IdentityError(
+            f"identity file {path}: cannot be read ({damage}); it is corrupt, truncated or not a PyTorch "
+            "embedding file, export or download it again"
+        ) from None
 
 
 def _parse_object(path: Path, data: object) -> _Parsed:
@@ -412,11 +381,3 @@ def _key_list(data: Mapping) -> str:
     return f"[{shown}{', ...' if len(keys) > 12 else ''}]"
 
 
-def _short(error: Exception) -> str:
-    """The gist of an exception for a user-facing message: its type and first meaningful line, trimmed."""
-    text = str(error)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    gist = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-    return gist if len(gist) <= 200 else gist[:197] + "..."

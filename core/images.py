@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import secrets
 import struct
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +18,11 @@ from PIL import Image, ImageOps
 
 from .errors import InputError
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+# Picture files a folder may hold that are not read (animations, formats Pillow lacks): named when skipped.
+SKIPPED_PICTURE_EXTENSIONS = frozenset({".gif", ".heic", ".heif", ".avif", ".jxl", ".svg", ".apng", ".mp4", ".mov"})
 MIN_SIDE = 64
 SAMPLE_PHOTO_NAME = "astronaut.png"
 
@@ -31,13 +37,20 @@ def is_image_path(path: Path) -> bool:
 
 
 def _folder_images(folder: Path) -> list[Path]:
-    """The visible image files directly inside a folder, sorted by name."""
-    found = [
-        entry
-        for entry in folder.iterdir()
-        if not entry.name.startswith(".") and is_image_path(entry) and entry.is_file()
-    ]
-    return sorted(found, key=lambda entry: (entry.name.casefold(), entry.name))
+    """The visible image files directly inside a folder, sorted by name; skipped picture files are named in a note."""
+    visible = sorted(
+        (entry for entry in folder.iterdir() if not entry.name.startswith(".") and entry.is_file()),
+        key=lambda entry: (entry.name.casefold(), entry.name),
+    )
+    skipped = [entry.name for entry in visible if entry.suffix.lower() in SKIPPED_PICTURE_EXTENSIONS]
+    if skipped:
+        log.warning(
+            "images: skipped %s in %s (%s not read: animations and these formats are not used); "
+            "convert %s to PNG or JPEG to train on %s",
+            ", ".join(skipped), folder, "it is" if len(skipped) == 1 else "they are",
+            "it" if len(skipped) == 1 else "them", "it" if len(skipped) == 1 else "them",
+        )
+    return [entry for entry in visible if is_image_path(entry)]
 
 
 def list_image_paths(sources: Sequence[Path]) -> list[Path]:
@@ -141,10 +154,15 @@ def load_image(path: Path) -> Image.Image:
         raise InputError(f"images: {path} does not exist; check the file path")
     unreadable = f"images: cannot read {path} (truncated or not an image); re-export it as PNG or JPEG"
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = to_rgb(_upright(opened))
-            image.load()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                _refuse_blank_alpha(opened, path)
+                image = to_rgb(_upright(opened))
+                image.load()
+    except InputError:
+        raise
     except Image.DecompressionBombError as exc:
         raise InputError(
             f"images: {path} has too many pixels to load safely; resize it to a few thousand px a side"
@@ -152,12 +170,30 @@ def load_image(path: Path) -> Image.Image:
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, zlib/struct errors on bad data
         raise InputError(unreadable) from exc
     width, height = image.size
+    if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+        log.warning(
+            "images: %s is very large (%dx%d px, %.0f megapixels); it is loaded anyway and resized for training",
+            path, width, height, width * height / 1e6,
+        )
     if min(width, height) < MIN_SIDE:
         raise InputError(
             f"images: {path} is {width}x{height} px; the shorter side must be at least {MIN_SIDE} px, "
             "use a larger photo"
         )
     return image
+
+
+def _refuse_blank_alpha(image: Image.Image, path: Path) -> None:
+    """A fully transparent picture would train on a blank white square: refuse it and say why."""
+    has_alpha = image.mode in _TRANSPARENT_MODES or "transparency" in image.info
+    if not has_alpha:
+        return
+    alpha = image.convert("RGBA").getchannel("A")
+    if alpha.getextrema()[1] == 0:
+        raise InputError(
+            f"images: {path} is fully transparent (every pixel has alpha 0), so it would train on a blank white "
+            "square; export it again with its alpha channel kept, or remove it"
+        )
 
 
 def check_resolution(resolution: int) -> int:
@@ -243,6 +279,65 @@ def check_masks(masks: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     if not bool((masks.flatten(1).amax(dim=1) > 0).all()):
         raise InputError("mask: a mask is empty (all zero), so no pixel would be learned; mark the face or subject")
     return masks.expand(images.shape[0], -1, -1).clamp(0, 1).unsqueeze(1).float()
+
+
+def _photo_batch(batch: torch.Tensor, number: int) -> torch.Tensor:
+    """One (N, 3, H, W) batch of photos checked for shape; number counts the batches from 1 for messages."""
+    if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[0] == 0 or batch.shape[1] != 3:
+        shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+        raise InputError(
+            f"images: input {number} is not a batch of RGB photos (got {shape}); connect an IMAGE such as Load Image's"
+        )
+    return batch
+
+
+def _mask_list(masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Every mask of the (M, H, W) or (H, W) batches as its own (H, W) tensor, in order."""
+    singles: list[torch.Tensor] = []
+    for number, batch in enumerate(masks, start=1):
+        if not isinstance(batch, torch.Tensor) or batch.ndim not in (2, 3):
+            shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise InputError(f"mask: input {number} is not a (count, height, width) mask (got {shape}); connect a MASK")
+        singles += list(batch.unsqueeze(0) if batch.ndim == 2 else batch)
+    return singles
+
+
+def pair_masks(images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """For each (N, 3, H, W) photo batch, its (N, H, W) masks: one mask for every photo, or one per photo in order."""
+    singles = _mask_list(masks)
+    sizes = [tuple(batch.shape[-2:]) for batch in images for _ in range(batch.shape[0])]
+    one = len(singles) == 1
+    if one:
+        singles = singles * len(sizes)
+    elif len(singles) != len(sizes):
+        raise InputError(
+            f"mask: got {len(singles)} masks for {len(sizes)} photos; give one mask for all, or one per photo in order"
+        )
+    for number, (mask, size) in enumerate(zip(singles, sizes), start=1):
+        if tuple(mask.shape) != size:
+            which = "the one mask" if one else f"mask {number}"
+            raise InputError(
+                f"mask: {which} is {mask.shape[-1]}x{mask.shape[-2]} but photo {number} is {size[1]}x{size[0]}; "
+                "make each mask from its own photo (same size), one per photo"
+            )
+    starts = np.cumsum([0] + [batch.shape[0] for batch in images]).tolist()
+    return [torch.stack(singles[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def fit_photos(
+    images: Sequence[torch.Tensor], resolution: int, masks: Sequence[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Photo batches of any sizes as one (N, 3, R, R) tensor, masks as (N, 1, R, R), each with the same centre crop."""
+    if len(images) == 0:
+        raise InputError("images: got no photos; connect at least one")
+    resolution = check_resolution(resolution)
+    batches = [_photo_batch(batch, number) for number, batch in enumerate(images, start=1)]
+    pixels = torch.cat([fit_tensor(batch.float(), resolution) for batch in batches])
+    if not masks:
+        return pixels, None
+    paired = pair_masks(batches, masks)
+    weights = torch.cat([fit_tensor(check_masks(m, b), resolution) for m, b in zip(paired, batches)])
+    return pixels, weights
 
 
 def load_training_images(sources: Sequence[Path], resolution: int) -> torch.Tensor:

@@ -90,6 +90,14 @@ def _scheduler(prediction_type: str):  # noqa: ANN202 - diffusers type
     )
 
 
+def _mark_v_prediction(unet: torch.nn.Module) -> torch.nn.Module:
+    """Give the last up-block attention's first norm a spread bias, as trained SD2 v models have (ComfyUI's v test)."""
+    norm = unet.up_blocks[-1].attentions[-1].transformer_blocks[0].norm1
+    with torch.no_grad():
+        norm.bias.normal_(0.0, 0.2)
+    return unet
+
+
 def tiny_components(family: str, seed: int = 0) -> dict[str, object]:
     """Random-weight diffusers components (unet, vae, scheduler, text encoders, tokenizers) of one family."""
     with torch.random.fork_rng(devices=[]):
@@ -106,7 +114,7 @@ def tiny_components(family: str, seed: int = 0) -> dict[str, object]:
             parts = {
                 "text_encoder": _text_model(48, 2, "gelu"),
                 "tokenizer": load_clip_tokenizer(pad_token="!"),
-                "unet": _unet(48, linear_projection=True),
+                "unet": _mark_v_prediction(_unet(48, linear_projection=True)),
                 "vae": _vae(0.18215),
                 "scheduler": _scheduler("v_prediction"),
             }

@@ -111,6 +111,15 @@ class TrainResult:
 
 
 ProgressFn = Callable[[int, int, float], None]
+OUT_OF_MEMORY = "out of memory"  # how TrainResult.stopped begins when a step ran out of GPU or CPU memory
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an exception from a step means the device (or the host) ran out of memory."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 class Trainer:
@@ -244,6 +253,12 @@ class Trainer:
                 self.rows[key].copy_(value)
         self.steps_done = step
 
+    def _free_after_out_of_memory(self) -> None:
+        """Drop the failed step's gradients and cached blocks so the rows so far can still be saved."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def identity(self, partial: bool = False, **extra: object) -> Identity:
         """The current rows as an Identity with provenance metadata."""
         cfg = self.config
@@ -292,4 +307,14 @@ class Trainer:
             if snapshot and self.steps_done == snapshot_step:  # interrupted inside a step: its update may be half done
                 self._restore(snapshot, snapshot_step)
             stopped = "interrupted"
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):
+                raise
+            self._free_after_out_of_memory()
+            if snapshot:
+                self._restore(snapshot, snapshot_step)
+            stopped = (
+                f"{OUT_OF_MEMORY} at step {self.steps_done + 1} (batch size {self.config.batch_size}, "
+                f"{self.config.resolution} px)"
+            )
         return TrainResult(self.identity(partial=bool(stopped), stopped=stopped), losses, stopped)

@@ -254,18 +254,51 @@ def test_old_sd1_clip_keys_are_normalized() -> None:
 
 
 def test_prediction_type_choice() -> None:
-    """Explicit choice wins; ComfyUI's v_pred marker or an SD2 768/vpred name means v; else the config's."""
-    keys = set(REAL_LIKE["sd2"])
-    assert prediction_type_for("sd2", keys, "v2-1_512-ema-pruned") is None
-    assert prediction_type_for("sd2", keys, "v2-1_768-ema-pruned") == "v_prediction"
-    assert prediction_type_for("sd2", keys, "v2-1_768-ema-pruned", "epsilon") == "epsilon"
-    assert prediction_type_for("sd1", keys, "model-768") is None
-    assert prediction_type_for("sdxl", keys | {"v_pred"}, "noob") == "v_prediction"
+    """Explicit choice wins; ComfyUI's v_pred marker means v; a '768'/vpred name only when the weights cannot tell."""
+    keys = dict.fromkeys(REAL_LIKE["sd2"], torch.zeros(1))
+    assert prediction_type_for("sd2", keys, "v2-1_512-ema-pruned")[0] is None
+    assert prediction_type_for("sd2", keys, "v2-1_768-ema-pruned")[0] == "v_prediction"
+    assert prediction_type_for("sd2", keys, "v2-1_768-ema-pruned", "epsilon")[0] == "epsilon"
+    assert prediction_type_for("sd1", keys, "model-768")[0] is None
+    assert prediction_type_for("sdxl", {**keys, "v_pred": torch.zeros(0)}, "noob")[0] == "v_prediction"
     with pytest.raises(InputError, match="prediction_type: 'v'"):
         prediction_type_for("sd1", keys, "x", "v")
     assert shipped_config_dir("sd2", "v_prediction").name == "sd2_v"
     assert shipped_config_dir("sd2", None).name == "sd2"
     assert shipped_config_dir("sdxl", "v_prediction").name == "sdxl"
+
+
+NORM_BIAS = "model.diffusion_model.output_blocks.{}.1.transformer_blocks.0.norm1.bias"
+
+
+@pytest.mark.parametrize(("spread", "name", "expected"), [
+    (0.2, "my-finetune", "v_prediction"),  # a v model whose name says nothing
+    (0.01, "v2-1_768-ema-pruned", "epsilon"),  # the weights win over a misleading name
+    (0.12, "sd21-512-base", "v_prediction"),
+])
+def test_sd2_prediction_type_is_read_from_the_weights(spread: float, name: str, expected: str) -> None:
+    """ComfyUI's SD2 rule: std of the last output attention block's norm1 bias above 0.09 means v-prediction."""
+    generator = torch.Generator().manual_seed(0)
+    checkpoint = dict.fromkeys(REAL_LIKE["sd2"], torch.zeros(1))
+    checkpoint[NORM_BIAS.format(5)] = torch.zeros(1024)  # an earlier block does not decide
+    checkpoint[NORM_BIAS.format(11)] = torch.randn(1024, generator=generator) * spread
+    kind, why = prediction_type_for("sd2", checkpoint, name)
+    assert kind == expected and "weights" in why
+
+
+def test_v_checkpoint_with_plain_name_loads_as_v(tiny_files: dict, tmp_path: Path, no_network: None) -> None:
+    """A tiny SD2 v checkpoint renamed to say nothing still trains as v (detected from the weights, not the name)."""
+    path, config_dir, _parts = tiny_files["sd2"]
+    renamed = tmp_path / "portrait-model.safetensors"
+    renamed.write_bytes(path.read_bytes())
+    assert load_single_file(renamed, CPU, torch.float32, config_dir=config_dir).denoiser.prediction_type == "v_prediction"
+    flat = read_state_dict(renamed)
+    last = max((k for k in flat if k.endswith(".1.transformer_blocks.0.norm1.bias") and ".output_blocks." in k),
+               key=lambda k: int(k.split(".output_blocks.")[1].split(".")[0]))
+    flat[last] = torch.zeros_like(flat[last])
+    eps_path = tmp_path / "v2-768-looks-v.safetensors"
+    save_file(flat, str(eps_path))
+    assert load_single_file(eps_path, CPU, torch.float32, config_dir=config_dir).denoiser.prediction_type == "epsilon"
 
 
 @pytest.mark.parametrize("folder", ["sd1", "sd2", "sd2_v", "sdxl"])

@@ -29,7 +29,8 @@ def photo_dir(tmp_path: Path) -> Path:
 
 def _train(photo_dir: Path, out: Path, *extra: str) -> int:
     """Run `train` in-process on the tiny model for 3 steps."""
-    return main(["train", "--images", str(photo_dir), "--out", str(out), "--steps", "3", "--batch-size", "2", *extra])
+    return main(["train", "--model", "tiny", "--images", str(photo_dir), "--out", str(out), "--steps", "3",
+                 "--batch-size", "2", *extra])
 
 
 def test_train_writes_identity_curve_and_pt(photo_dir: Path, tmp_path: Path, capsys) -> None:

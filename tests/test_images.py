@@ -155,8 +155,10 @@ def test_rgba_transparent_pixels_become_white(tmp_path: Path) -> None:
 
 
 def test_gray_alpha_becomes_rgb(tmp_path: Path) -> None:
-    image = load_image(_save(Image.new("LA", (80, 80), (40, 0)), tmp_path / "la.png"))
-    assert _centre_pixel(image) == (255, 255, 255)
+    picture = Image.new("LA", (80, 80), (40, 0))
+    picture.putpixel((0, 0), (40, 255))  # one opaque pixel: a fully transparent picture is refused
+    image = load_image(_save(picture, tmp_path / "la.png"))
+    assert _centre_pixel(image) == (255, 255, 255) and image.getpixel((0, 0)) == (40, 40, 40)
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
