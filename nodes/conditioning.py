@@ -73,6 +73,25 @@ def rewrite_prompt(text: str, pairs: Sequence[tuple[Identity, str, str]]) -> str
     return text
 
 
+_PATCHED = ("_try_get_embedding", "embedding_directory")
+_ABSENT = object()  # the tokenizer had no instance attribute of that name (the class's method or value showed through)
+
+
+def _own_attributes(tokenizer: object) -> dict[str, object]:
+    """The tokenizer's own (instance) values of the attributes the identity lookup patches, _ABSENT where it has none."""
+    own = getattr(tokenizer, "__dict__", {})
+    return {name: own.get(name, _ABSENT) for name in _PATCHED}
+
+
+def _restore_attributes(tokenizer: object, saved: dict[str, object]) -> None:
+    """Put back exactly what was there: another pack's instance patch stays, a class attribute shows through again."""
+    for name, value in saved.items():
+        if value is not _ABSENT:
+            setattr(tokenizer, name, value)
+        elif name in getattr(tokenizer, "__dict__", {}):
+            delattr(tokenizer, name)
+
+
 @contextmanager
 def _identity_embeddings(clip: object, table: dict[str, dict[str, torch.Tensor]]) -> Iterator[None]:
     """While active, the CLIP's tokenizers resolve the internal names to identity rows; other names load as usual."""
@@ -89,16 +108,15 @@ def _identity_embeddings(clip: object, table: dict[str, dict[str, torch.Tensor]]
             leftover = " ".join(part for part in (match.group(2), rest) if part)
             return table[match.group(1)][_key], leftover
 
-        patched.append((tokenizer, tokenizer.embedding_directory))
+        patched.append((tokenizer, _own_attributes(tokenizer)))
         tokenizer._try_get_embedding = lookup
         if tokenizer.embedding_directory is None:
             tokenizer.embedding_directory = []  # the tokenizer only looks names up when it has a folder list
     try:
         yield
     finally:
-        for tokenizer, directory in patched:
-            del tokenizer._try_get_embedding
-            tokenizer.embedding_directory = directory
+        for tokenizer, saved in reversed(patched):
+            _restore_attributes(tokenizer, saved)
 
 
 def encode_with_identities(clip: object, text: str, pairs: Sequence[tuple[Identity, str, str]]) -> list:

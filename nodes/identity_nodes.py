@@ -14,9 +14,10 @@ from ..core.cross_init import initial_rows
 from ..core.errors import InputError
 from ..core.formats import load_identity, save_identity
 from ..core.identity import Identity
-from ..core.images import check_masks, fit_tensor, join_batches
+from ..core.images import fit_photos
+from ..core.models import native_resolution
 from ..core.plot import loss_curve_png
-from ..core.trainer import Trainer, preset_config
+from ..core.trainer import OUT_OF_MEMORY, Trainer, preset_config
 from .comfy_backend import comfy_model, load_models, trainable
 from .conditioning import encode_with_identities
 
@@ -86,6 +87,35 @@ class CrossInitEmbed:
         return (Identity({k: v.detach().float().cpu() for k, v in rows.items()}, meta),)
 
 
+class CollectPhotos:
+    """Gathers photos of any sizes into one IMAGE list for Train Identity Token, without resizing them."""
+
+    DESCRIPTION = (
+        "Collects up to five photos (each a Load Image, of any size) into one list for Train Identity Token, which "
+        "resizes and crops each to the training resolution. Unlike Batch Images, nothing is stretched. Chain another "
+        "Collect Photos into photo_5 for more."
+    )
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("photos",)
+    OUTPUT_IS_LIST = (True,)
+    FUNCTION = "collect"
+    CATEGORY = CATEGORY
+    INPUT_IS_LIST = True
+    SLOTS = 5
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        """photo_1 required, photo_2..photo_5 optional."""
+        tip = "A photo of the subject (any size), e.g. from Load Image; a batch counts as its photos."
+        more = {f"photo_{n}": ("IMAGE", {"tooltip": f"Optional: another photo. {tip}"}) for n in range(2, cls.SLOTS + 1)}
+        return {"required": {"photo_1": ("IMAGE", {"tooltip": tip})}, "optional": more}
+
+    def collect(self, **photos: list) -> tuple[list[torch.Tensor]]:
+        """The connected photos in slot order, each IMAGE batch kept at its own size."""
+        order = sorted(photos, key=lambda name: int(name.rsplit("_", 1)[1]))
+        return ([batch for name in order for batch in photos[name] or [] if batch is not None],)
+
+
 class TrainIdentityToken:
     """Learns an identity from photos with the graph's MODEL, CLIP and VAE; only the identity rows change."""
 
@@ -107,7 +137,10 @@ class TrainIdentityToken:
                 "model": ("MODEL", {"tooltip": "The MODEL of an SD1.x, SD2.x or SDXL checkpoint (from Load Checkpoint)."}),
                 "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint."}),
                 "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint; it encodes the photos once."}),
-                "images": ("IMAGE", {"tooltip": "3-5 photos of the subject, all the same size (batch them with Batch Images)."}),
+                "images": ("IMAGE", {"tooltip": (
+                    "3-5 photos of the subject, of any sizes (connect Collect Photos, or one Load Image); each is "
+                    "resized and centre-cropped to the training resolution."
+                )}),
                 "preset": (list(PRESETS), {"default": "Cross-Init", "tooltip": (
                     "Cross-Init: 320 steps, 2 tokens, lr 0.005, batch 8. Cross-Init fast: the same in 25 steps. "
                     "Textual Inversion: 5000 steps, 1 token from 'person', lr 1e-4, batch 16."
@@ -125,14 +158,16 @@ class TrainIdentityToken:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": (
                     "Seed of every random draw in training: the same seed and inputs give the same identity."
                 )}),
-                "resolution": ("INT", {"default": 512, "min": 0, "max": 2048, "step": 8, "tooltip": (
-                    "Photos are resized so the shorter side is this, then centre-cropped square. 512 for SD1.x, 768 for "
-                    "SD2.x-768, 1024 for SDXL. 0 keeps the photos' size (it must be a multiple of 8)."
+                "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": (
+                    "Photos are resized so the shorter side is this, then centre-cropped square. 0 uses the model's "
+                    "native size: 512 for SD1.x and SD2.x-base, 768 for SD2.x-768 (v-prediction), 1024 for SDXL. "
+                    "Lower it (e.g. 512 for SDXL) to save memory and time."
                 )}),
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": (
-                    "Optional: where the subject is (e.g. the face), same size as the photos; the loss counts only there."
+                    "Optional: where the subject is (e.g. the face); the loss counts only there. One mask for all photos, "
+                    "or one per photo in order, each the size of its photo (it is cropped with it)."
                 )}),
                 "init": (IDENTITY, {"tooltip": "Optional: start from this identity (e.g. from Cross-Init Embed) instead of the preset's."}),
             },
@@ -145,41 +180,35 @@ class TrainIdentityToken:
         """Run the core trainer on the graph's models; a Cancel raises ComfyUI's interrupt and returns nothing."""
         import comfy.model_management as mm
 
-        pixels = join_batches(images, "images").movedim(-1, 1).float() * 2 - 1
-        masks = check_masks(join_batches(mask, "mask"), pixels) if mask else None
-        pixels, resolution = _fit(pixels, int(_first(resolution)))
-        masks = fit_tensor(masks, resolution) if masks is not None else None
         name = _first(preset)
         if name not in PRESETS:
             raise InputError(f"preset: unknown '{name}'; choose one of {', '.join(PRESETS)}")
+        core_model = comfy_model(_first(model), _first(clip), _first(vae))  # refuses other families before any copy
+        size = int(_first(resolution)) or native_resolution(core_model.family, core_model.denoiser.prediction_type)
+        photos = [batch.movedim(-1, 1).float() * 2 - 1 for batch in images or []]
+        pixels, masks = fit_photos(photos, size, mask)
         reg = float(_first(reg_weight))
         config = preset_config(
             PRESETS[name], steps=int(_first(steps)) or None, learning_rate=float(_first(learning_rate)) or None,
             batch_size=int(_first(batch_size)) or None, reg_weight=None if reg < 0 else reg,
-            seed=int(_first(seed)), resolution=resolution,
+            seed=int(_first(seed)), resolution=size,
         )
         start = _normal(_first(init)) if init and _first(init) is not None else None
         progress = _Progress(config.steps, _first(unique_id))
-        core_model = comfy_model(_first(model), _first(clip), _first(vae))  # refuses other families before any copy
         with trainable(_first(model), _first(clip)):
             trainer = Trainer(core_model, pixels, config, init=start, masks=masks)
             result = trainer.run(on_step=progress, should_stop=mm.processing_interrupted)
         if result.stopped == "cancelled":
             raise mm.InterruptProcessingException()
+        if result.stopped.startswith(OUT_OF_MEMORY):
+            raise InputError(
+                f"batch_size: training stopped, {result.stopped}; lower batch_size (e.g. {max(1, config.batch_size // 2)}) "
+                "or resolution, or close other programs that use the GPU"
+            )
         if result.stopped:
             raise RuntimeError(f"training stopped: {result.stopped}; lower learning_rate or check the photos and model")
         curve = loss_curve_png(result.losses, title=f"identity loss ({name}, {len(result.losses)} steps)")
         return (result.identity, _image_tensor(curve))
-
-
-def _fit(pixels: torch.Tensor, resolution: int) -> tuple[torch.Tensor, int]:
-    """Photos resized to the training resolution; with 0, their own size, which must suit the VAE."""
-    if resolution == 0:
-        height, width = pixels.shape[-2:]
-        if height % 8 or width % 8:
-            raise InputError(f"images: {width}x{height} is not a multiple of 8; set resolution (e.g. 512) to resize them")
-        return pixels, min(height, width)
-    return fit_tensor(pixels, resolution), resolution
 
 
 class _Progress:
@@ -351,6 +380,7 @@ class LoadIdentity:
 
 NODE_CLASSES = {
     "IdentityTokens_CrossInitEmbed": (CrossInitEmbed, "Cross-Init Embed"),
+    "IdentityTokens_CollectPhotos": (CollectPhotos, "Collect Photos"),
     "IdentityTokens_TrainIdentityToken": (TrainIdentityToken, "Train Identity Token"),
     "IdentityTokens_ApplyIdentity": (ApplyIdentity, "Apply Identity"),
     "IdentityTokens_SaveIdentity": (SaveIdentity, "Save Identity"),

@@ -64,6 +64,25 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
+SAMPLE_PHOTOS = {"coffee.png": (600, 400), "chelsea.png": (451, 300)}  # scikit-image's photos: name -> (width, height)
+
+
+def write_sample_photos(folder: Path) -> list[Path]:
+    """scikit-image's bundled coffee and chelsea photos (sizes unlike the 512x512 astronaut) as PNGs in folder."""
+    import skimage.data
+    from PIL import Image
+
+    bundled = Path(str(skimage.data.__file__)).parent  # read the files it ships: never a download
+    paths = []
+    for name, size in SAMPLE_PHOTOS.items():
+        with Image.open(bundled / name) as image:
+            rgb = image.convert("RGB")
+        assert rgb.size == size, f"scikit-image's {name} is {rgb.size}, expected {size}"
+        rgb.save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
 class ServerError(RuntimeError):
     """The server did not start, died, or did not answer in time; the message ends with its log."""
 
@@ -211,6 +230,7 @@ class ComfyServer:
                 rgb = image.convert("RGB")
             rgb.save(base / "input" / "astronaut.png")
             ImageOps.mirror(rgb).save(base / "input" / "astronaut_flip.png")
+            write_sample_photos(base / "input")
         (base / "launch_comfyui.py").write_text(LAUNCHER)
 
     # ---------------------------------------------------------------- process
@@ -228,7 +248,8 @@ class ComfyServer:
         """Create the base folder, start main.py on a free port and wait until /object_info answers.
 
         checkpoint is linked as models/checkpoints/tiny_sd15.safetensors, photo is copied to input/astronaut.png (and
-        mirrored to astronaut_flip.png), pack (default: this repository) is linked as custom_nodes/identity_tokens.
+        mirrored to astronaut_flip.png) next to SAMPLE_PHOTOS' other photos (coffee.png, chelsea.png: other sizes), pack
+        (default: this repository) is linked as custom_nodes/identity_tokens.
         """
         if not (Path(comfyui_dir) / "main.py").is_file():
             raise ServerError(f"{comfyui_dir} is not a ComfyUI folder (no main.py)")

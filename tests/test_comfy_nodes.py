@@ -6,6 +6,7 @@ are InputErrors naming the input; Cancel raises ComfyUI's interrupt; training le
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,8 +25,13 @@ import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 from identity_tokens.core.errors import InputError  # noqa: E402
 from identity_tokens.core.identity import Identity  # noqa: E402
+from identity_tokens.core.trainer import Trainer, TrainResult  # noqa: E402
+from identity_tokens.nodes import identity_nodes  # noqa: E402
+from identity_tokens.nodes.comfy_backend import clip_encoders  # noqa: E402
+from identity_tokens.nodes.conditioning import NAME_PREFIX  # noqa: E402
 from identity_tokens.nodes.identity_nodes import (  # noqa: E402
     ApplyIdentity,
+    CollectPhotos,
     CrossInitEmbed,
     LoadIdentity,
     SaveIdentity,
@@ -146,13 +152,33 @@ def _train(tiny: TinyComfy, images: list[torch.Tensor], **overrides: object) -> 
         return TrainIdentityToken().train(images=images, **lists)
 
 
-def _photos(count: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
-    """A ComfyUI IMAGE batch (N, H, W, 3) in [0, 1] with some structure."""
+def _photos(count: int = 2, size: int = 64, seed: int = 0, width: int | None = None) -> torch.Tensor:
+    """A ComfyUI IMAGE batch (N, H, W, 3) in [0, 1] with some structure; size is the height (and width unless given)."""
+    height, width = size, width or size
     gen = torch.Generator().manual_seed(seed)
-    ramp = torch.linspace(0, 1, size)
-    base = torch.stack([ramp.view(1, -1).expand(size, size), ramp.view(-1, 1).expand(size, size),
-                        1 - ramp.view(1, -1).expand(size, size)], dim=-1)
-    return (base.unsqueeze(0) * 0.7 + 0.3 * torch.rand(count, size, size, 3, generator=gen)).clamp(0, 1)
+    across, down = torch.linspace(0, 1, width).view(1, -1), torch.linspace(0, 1, height).view(-1, 1)
+    base = torch.stack([across.expand(height, width), down.expand(height, width), 1 - across.expand(height, width)], -1)
+    return (base.unsqueeze(0) * 0.7 + 0.3 * torch.rand(count, height, width, 3, generator=gen)).clamp(0, 1)
+
+
+@pytest.fixture()
+def trainer_spy(monkeypatch: pytest.MonkeyPatch) -> list[Trainer]:
+    """Every Trainer the training node makes, kept with its TrainResult (spy.result) for checks on losses and rows."""
+    made: list[Trainer] = []
+
+    class Spy(Trainer):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self.masks = kwargs.get("masks")
+            self.pixels = args[1]
+            made.append(self)
+
+        def run(self, *args: object, **kwargs: object) -> TrainResult:
+            self.result = super().run(*args, **kwargs)
+            return self.result
+
+    monkeypatch.setattr(identity_nodes, "Trainer", Spy)
+    return made
 
 
 def test_train_refuses_unsupported_model(comfy_tiny: TinyFactory, embeddings: Path) -> None:
@@ -171,14 +197,13 @@ def test_train_refuses_unsupported_model(comfy_tiny: TinyFactory, embeddings: Pa
     assert all(a is b for a, b in zip(clip_params, tiny.clip.cond_stage_model.parameters()))
 
 
-def test_train_refuses_images_of_different_sizes(comfy_tiny: TinyFactory, embeddings: Path) -> None:
-    with pytest.raises(InputError, match=r"^images: .*different sizes"):
-        _train(comfy_tiny("sd1"), [_photos(1, 64), _photos(1, 72)])
-
-
 def test_train_refuses_mask_of_another_size(comfy_tiny: TinyFactory, embeddings: Path) -> None:
-    with pytest.raises(InputError, match=r"^mask: "):
+    with pytest.raises(InputError, match=r"^mask: mask 1 is 32x32 but photo 1 is 64x64; "):
         _train(comfy_tiny("sd1"), [_photos(2, 64)], mask=[torch.ones(2, 32, 32)])
+    with pytest.raises(InputError, match=r"^mask: got 2 masks for 3 photos; "):
+        _train(comfy_tiny("sd1"), [_photos(1, 64), _photos(2, 40, width=72)], mask=[torch.ones(2, 64, 64)])
+    with pytest.raises(InputError, match=r"^mask: the one mask is 64x64 but photo 2 is 72x40; "):
+        _train(comfy_tiny("sd1"), [_photos(1, 64), _photos(1, 40, width=72)], mask=[torch.ones(1, 64, 64)])
 
 
 def test_apply_refuses_prompt_without_trigger(comfy_tiny: TinyFactory) -> None:
@@ -276,8 +301,170 @@ def test_train_identity_token_short_run(fresh_comfy_tiny: TinyFactory, embedding
     assert torch.isfinite(cond).all()
 
 
-def test_train_identity_token_sdxl(fresh_comfy_tiny: TinyFactory, embeddings: Path) -> None:
+def test_train_identity_token_sdxl(fresh_comfy_tiny: TinyFactory, embeddings: Path, trainer_spy: list) -> None:
     tiny = fresh_comfy_tiny("sdxl")
     identity, curve = _train(tiny, [_photos(1, 64)], preset="Textual Inversion", learning_rate=0.01)
     assert {k: tuple(v.shape) for k, v in identity.rows.items()} == {"clip_l": (1, 32), "clip_g": (1, 64)}
     assert curve.shape[0] == 1 and curve.shape[-1] == 3
+    (trainer,) = trainer_spy
+    with torch.inference_mode():
+        (word,) = CrossInitEmbed().make(tiny.clip, "plain word", 1, "person")  # the preset's start: 'person'
+    for key, rows in identity.rows.items():  # both encoders' rows moved away from where training started
+        start = trainer.init_rows[key].cpu()
+        torch.testing.assert_close(start, word.rows[key], rtol=0, atol=1e-6)
+        assert torch.isfinite(rows).all() and float((rows - start).abs().max()) > 1e-3, key
+    losses = trainer.result.losses
+    assert len(losses) == 2 and all(math.isfinite(value) and value > 0 for value in losses), losses
+
+
+def _rows_moved(identity: Identity, start: Identity) -> bool:
+    """Whether every encoder's rows were trained away from the start."""
+    return all(float((identity.rows[k] - start.rows[k]).abs().max()) > 1e-4 for k in start.rows)
+
+
+def test_collect_photos_keeps_sizes_and_order() -> None:
+    small, wide, pair = _photos(1, 64), _photos(1, 40, width=72), _photos(2, 80, seed=1)
+    with torch.inference_mode():
+        (photos,) = CollectPhotos().collect(photo_1=[small], photo_3=[pair], photo_2=[wide])
+    assert CollectPhotos.OUTPUT_IS_LIST == (True,) and CollectPhotos.INPUT_IS_LIST
+    assert [p is q for p, q in zip(photos, [small, wide, pair])] == [True] * 3 and len(photos) == 3
+    spec = CollectPhotos.INPUT_TYPES()
+    assert list(spec["required"]) == ["photo_1"] and list(spec["optional"]) == [f"photo_{n}" for n in range(2, 6)]
+    assert all(options["tooltip"] for _, options in [*spec["required"].values(), *spec["optional"].values()])
+    with torch.inference_mode():  # chained: a Collect Photos list arrives in one slot of another
+        (more,) = CollectPhotos().collect(photo_1=photos, photo_5=[small])
+    assert len(more) == 4 and more[-1] is small
+
+
+def test_train_on_photos_of_different_sizes(comfy_tiny: TinyFactory, embeddings: Path, trainer_spy: list) -> None:
+    tiny = comfy_tiny("sd1")
+    with torch.inference_mode():
+        (init,) = CrossInitEmbed().make(tiny.clip, "plain word", 2, "person")
+        (photos,) = CollectPhotos().collect(photo_1=[_photos(1, 64)], photo_2=[_photos(1, 40, width=60, seed=1)],
+                                            photo_3=[_photos(1, 90, width=60, seed=2)])
+    identity, _ = _train(tiny, photos, init=[init], batch_size=2)
+    assert _rows_moved(identity, init) and torch.isfinite(identity.rows["clip_l"]).all()
+    assert identity.metadata["resolution"] == "64"
+    (trainer,) = trainer_spy
+    assert tuple(trainer.pixels.shape) == (3, 3, 64, 64) and trainer.masks is None
+    assert all(math.isfinite(value) for value in trainer.result.losses)
+
+
+def _patch_mask(photo: torch.Tensor, top: int, left: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The photo with a bright square and the (1, H, W) mask of exactly that square."""
+    bright = photo.clone() * 0.2
+    bright[:, top : top + side, left : left + side] = 1.0
+    mask = torch.zeros(photo.shape[:3])
+    mask[:, top : top + side, left : left + side] = 1.0
+    return bright, mask
+
+
+def test_train_with_a_mask(comfy_tiny: TinyFactory, embeddings: Path, trainer_spy: list) -> None:
+    tiny = comfy_tiny("sd1")
+    with torch.inference_mode():
+        (init,) = CrossInitEmbed().make(tiny.clip, "plain word", 2, "person")
+    photos = [_photos(2, 64)]
+    top_half = torch.zeros(1, 64, 64)
+    top_half[:, :32] = 1.0
+    plain, _ = _train(tiny, photos, init=[init], seed=5)
+    masked, _ = _train(tiny, photos, init=[init], seed=5, mask=[top_half])
+    everywhere, _ = _train(tiny, photos, init=[init], seed=5, mask=[torch.ones(1, 64, 64)])
+    assert _rows_moved(masked, init) and _rows_moved(plain, init)
+    assert float((masked.rows["clip_l"] - plain.rows["clip_l"]).abs().max()) > 1e-5  # the mask changed training
+    torch.testing.assert_close(everywhere.rows["clip_l"], plain.rows["clip_l"], rtol=1e-4, atol=1e-5)
+    assert tuple(trainer_spy[1].masks.shape) == (2, 1, 64, 64)  # one mask served both photos
+    assert trainer_spy[1].result.losses != trainer_spy[0].result.losses
+
+
+def test_train_with_a_mask_per_photo_of_different_sizes(comfy_tiny: TinyFactory, embeddings: Path,
+                                                        trainer_spy: list) -> None:
+    tiny = comfy_tiny("sd1")
+    square, square_mask = _patch_mask(_photos(1, 64), 8, 8, 20)
+    wide, wide_mask = _patch_mask(_photos(1, 48, width=96, seed=1), 14, 50, 20)  # inside the kept centre 48 columns
+    with torch.inference_mode():
+        (init,) = CrossInitEmbed().make(tiny.clip, "plain word", 2, "person")
+    identity, _ = _train(tiny, [square, wide], init=[init], mask=[square_mask, wide_mask])
+    assert _rows_moved(identity, init)
+    (trainer,) = trainer_spy
+    assert tuple(trainer.pixels.shape) == (2, 3, 64, 64) and tuple(trainer.masks.shape) == (2, 1, 64, 64)
+    for pixels, mask in zip(trainer.pixels, trainer.masks):  # each mask still covers its photo's bright square
+        inside, outside = mask[0] > 0.9, mask[0] < 0.1
+        assert inside.sum() > 100 and outside.sum() > 100
+        assert float(pixels[:, inside].min()) > 0.9 and float(pixels[:, outside].max()) < -0.3
+    assert not torch.allclose(trainer.masks[0], trainer.masks[1])
+
+
+class _Stop(Exception):
+    """Raised by the fake trainer once it has seen what the node gives it."""
+
+
+@pytest.mark.parametrize(("family", "native"), [("sd1", 512), ("sd2", 768), ("sdxl", 1024)])  # tiny sd2 is v-pred
+def test_resolution_zero_is_the_models_native_size(comfy_tiny: TinyFactory, embeddings: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, family: str, native: int) -> None:
+    seen: dict[str, object] = {}
+
+    def fake_trainer(model: object, images: torch.Tensor, config: object, **kwargs: object) -> None:
+        seen.update(shape=tuple(images.shape), resolution=config.resolution, masks=kwargs.get("masks"))
+        raise _Stop
+
+    spec = TrainIdentityToken.INPUT_TYPES()["required"]["resolution"][1]
+    assert spec["default"] == 0 and "native" in spec["tooltip"]
+    monkeypatch.setattr(identity_nodes, "Trainer", fake_trainer)
+    tiny = comfy_tiny(family)
+    with pytest.raises(_Stop):
+        _train(tiny, [_photos(1, 40, width=60)], resolution=0, mask=[torch.ones(1, 40, 60)])
+    assert seen["shape"] == (1, 3, native, native) and seen["resolution"] == native
+    assert tuple(seen["masks"].shape) == (1, 1, native, native)
+    with pytest.raises(_Stop):  # a saved workflow's 512 stays 512 on every family
+        _train(tiny, [_photos(1, 40, width=60)], resolution=512)
+    assert seen["shape"] == (1, 3, 512, 512) and seen["resolution"] == 512
+
+
+# --- neighbours: other packs' tokenizer patches ------------------------------------------------------------------
+
+
+def test_apply_identity_restores_another_packs_tokenizer_patch(comfy_tiny: TinyFactory, embeddings: Path) -> None:
+    tiny = comfy_tiny("sdxl")
+    _save_and_load(_identity(tiny, n=1, seed=4), "tt-neighbour")
+    tokenizers = [tokenizer for _, tokenizer in clip_encoders(tiny.clip).values()]
+    asked: list[str] = []
+    patches = {}
+    for tokenizer in tokenizers:
+        def other_pack(name: str, _tokenizer: object = tokenizer) -> tuple:
+            asked.append(name)
+            return type(_tokenizer)._try_get_embedding(_tokenizer, name)
+
+        tokenizer._try_get_embedding = patches[id(tokenizer)] = other_pack  # another pack's instance patch
+    try:
+        cond, _ = _apply(tiny.clip, "embedding:tt-neighbour next to <identity>", _identity(tiny, seed=5))
+        for tokenizer in tokenizers:
+            assert tokenizer.__dict__.get("_try_get_embedding") is patches[id(tokenizer)]
+        assert asked and all(name.startswith("tt-neighbour") for name in asked), asked  # used for names not ours
+        assert not any(name.startswith(NAME_PREFIX) for name in asked)
+        assert torch.isfinite(cond).all()
+    finally:
+        for tokenizer in tokenizers:
+            tokenizer.__dict__.pop("_try_get_embedding", None)
+
+
+def test_apply_identity_leaves_no_tokenizer_patch(comfy_tiny: TinyFactory, embeddings: Path) -> None:
+    tiny = comfy_tiny("sd1")
+    tokenizers = [tokenizer for _, tokenizer in clip_encoders(tiny.clip).values()]
+    before = [dict(vars(tokenizer)) for tokenizer in tokenizers]
+    assert all("_try_get_embedding" not in state for state in before)
+    _apply(tiny.clip, "a photo of <identity>", _identity(tiny))
+    for tokenizer, state in zip(tokenizers, before):
+        assert "_try_get_embedding" not in vars(tokenizer)
+        assert vars(tokenizer).keys() == state.keys() and tokenizer.embedding_directory == state["embedding_directory"]
+
+
+def test_train_out_of_memory_names_the_setting(comfy_tiny: TinyFactory, embeddings: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that runs out of memory ends in one error naming batch_size, not 'lower learning_rate'."""
+
+    def no_memory(self: Trainer, batch: object) -> float:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(Trainer, "step", no_memory)
+    with pytest.raises(InputError, match=r"^batch_size: training stopped, out of memory at step 1 .*lower batch_size"):
+        _train(comfy_tiny("sd1"), [_photos()], steps=2, batch_size=2)

@@ -21,6 +21,7 @@ from tests.tiny_sd15 import CLIP, UNET, VAE, is_norm, write_tiny_sd15
 
 WORKFLOWS = Path(__file__).parent / "workflows"
 NODE_IDS = {
+    "IdentityTokens_CollectPhotos",
     "IdentityTokens_CrossInitEmbed",
     "IdentityTokens_TrainIdentityToken",
     "IdentityTokens_ApplyIdentity",
@@ -28,6 +29,8 @@ NODE_IDS = {
     "IdentityTokens_LoadIdentity",
 }
 TRAIN, SAVE, LOSS_PREVIEW, SAVE_IMAGE = "3", "4", "5", "11"  # node ids in train_save_sample.api.json
+PHOTO_LOADERS, COLLECT = ("2", "13", "14"), "15"  # its three Load Image nodes and their Collect Photos
+PHOTO_SIZES = {"astronaut.png": (512, 512), "coffee.png": (600, 400), "chelsea.png": (451, 300)}  # width, height
 SAVE_NAME = "astronaut-ci"
 
 
@@ -118,6 +121,10 @@ def test_nodes_registered_with_tooltips(comfy_server: ComfyServer) -> None:
                 assert str(options.get("tooltip", "")).strip(), f"{node_id}.{input_name} has no tooltip"
     assert info["IdentityTokens_SaveIdentity"]["output_node"] is True
     assert info["IdentityTokens_TrainIdentityToken"]["output"] == ["IDENTITY", "IMAGE"]
+    assert info["IdentityTokens_TrainIdentityToken"]["input"]["required"]["resolution"][1]["default"] == 0
+    collect = info["IdentityTokens_CollectPhotos"]
+    assert collect["output"] == ["IMAGE"] and collect["output_is_list"] == [True], collect
+    assert list(collect["input"]["required"]) == ["photo_1"] and len(collect["input"]["optional"]) == 4
     # The pack was imported as custom_nodes/identity_tokens: its web folder is served under that module name.
     assert "/extensions/identity_tokens/identity_tokens.js" in comfy_server.get_json("/extensions")
     log = comfy_server.log()
@@ -125,8 +132,18 @@ def test_nodes_registered_with_tooltips(comfy_server: ComfyServer) -> None:
 
 
 def test_train_save_and_sample(comfy_server: ComfyServer, trained: RunResult) -> None:
-    """Workflow (a) trains with progress, saves a loadable 2-token identity, previews the loss and writes an image."""
+    """Workflow (a) trains on three photos of different sizes with progress, saves a loadable 2-token identity,
+    previews the loss and writes an image."""
     assert trained.status == "success", trained.describe()
+    prompt = workflow("train_save_sample")
+    names = [prompt[node]["inputs"]["image"] for node in PHOTO_LOADERS]
+    sizes = {}
+    for name in names:
+        with Image.open(comfy_server.input_dir / name) as photo:
+            sizes[name] = photo.size
+    assert sizes == PHOTO_SIZES, sizes  # three photos, three different sizes, all trained on together
+    assert prompt[TRAIN]["inputs"]["images"] == [COLLECT, 0]
+    assert {COLLECT, *PHOTO_LOADERS} <= set(trained.node_seconds()), trained.describe()
     images = image_files(trained)
     assert images == trained.files("output", SAVE_IMAGE), trained.history.get("outputs")
     assert [p.name.startswith("identity_tokens_ci") for p in images] == [True], images

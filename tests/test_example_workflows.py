@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.comfy_server import ComfyServer
-from tests.ui_workflow import check_ui_format, ordered_inputs, ui_to_api
+from tests.ui_workflow import check_ui_format, links_by_id, ordered_inputs, ui_to_api
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "example_workflows"
@@ -23,8 +23,11 @@ CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 USER_VALUES: dict[str, dict[str, dict[str, Any]]] = {
     "train_save_sample": {
         "1": {"ckpt_name": CHECKPOINT},
-        "2": {"image": "example.png"},  # ComfyUI ships input/example.png; the user uploads their photos here
-        "3": {"preset": "Cross-Init", "steps": 0, "batch_size": 8, "resolution": 512},  # steps 0: the preset's 320
+        "2": {"image": "photo_1.jpg"},  # the user uploads their own photos into the three Load Image nodes
+        "13": {"image": "photo_2.jpg"},
+        "14": {"image": "photo_3.jpg"},
+        # steps 0: the preset's 320; resolution 0: the checkpoint's native size (CI trains the tiny model at 64)
+        "3": {"preset": "Cross-Init", "steps": 0, "batch_size": 8, "resolution": 0},
         "4": {"name": "my-identity"},
         "8": {"width": 512, "height": 512},
         "9": {"steps": 20},
@@ -89,6 +92,28 @@ def test_example_is_sound_ui_format(name: str) -> None:
     notes = [node for node in ui["nodes"] if node["type"] == "Note"]
     assert notes and all(isinstance(n["widgets_values"][0], str) and n["widgets_values"][0].strip() for n in notes)
     assert "checkpoint" in notes[0]["widgets_values"][0].lower()
+
+
+def test_training_example_collects_several_photos() -> None:
+    """Train Identity Token's images come from Collect Photos fed by three Load Image nodes with different photos."""
+    ui = load(EXAMPLES / "train_save_sample.json")
+    nodes, links = {node["id"]: node for node in ui["nodes"]}, links_by_id(ui)
+
+    def feeders(node: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """{input name: the node its link comes from} for the linked inputs of a node."""
+        return {s["name"]: nodes[links[s["link"]][1]] for s in node["inputs"] if s.get("link") is not None}
+
+    (train,) = [node for node in ui["nodes"] if node["type"] == "IdentityTokens_TrainIdentityToken"]
+    collect = feeders(train)["images"]
+    assert collect["type"] == "IdentityTokens_CollectPhotos"
+    loaders = feeders(collect)
+    assert sorted(loaders) == ["photo_1", "photo_2", "photo_3"] and {n["type"] for n in loaders.values()} == {"LoadImage"}
+    assert len({n["widgets_values"][0] for n in loaders.values()}) == 3
+    ci = twin("train_save_sample")
+    ci_images = [ci[ref[0]]["inputs"]["image"] for ref in ci[ci["3"]["inputs"]["images"][0]]["inputs"].values()]
+    assert sorted(ci_images) == ["astronaut.png", "chelsea.png", "coffee.png"]
+    note = next(node for node in ui["nodes"] if node["type"] == "Note")["widgets_values"][0]
+    assert "Collect Photos" in note and "any sizes" in note and "native size" in note
 
 
 @pytest.mark.parametrize("name", NAMES)
