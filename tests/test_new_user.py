@@ -271,3 +271,28 @@ def test_native_resolution_per_family() -> None:
     assert native_resolution("sd2", "epsilon") == 512
     assert native_resolution("sd2", "v_prediction") == 768
     assert native_resolution("sdxl") == 1024
+
+
+@pytest.mark.parametrize("token", ["alice", "<alice>"])  # SaveIdentity passes the bare name, the CLI '<stem>'
+def test_every_save_loads_in_diffusers_without_a_token_argument(tmp_path: Path, token: str) -> None:
+    """One key rule for both paths: '<alice>', a word CLIP does not know, so load_textual_inversion needs no token."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from core.formats import save_identity
+    from core.identity import Identity
+    from core.tiny import tiny_components
+
+    rows = torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
+    path = save_identity(Identity({"clip_l": rows}), tmp_path / "alice.safetensors", token=token)
+    with safe_open(str(path), framework="pt") as handle:
+        assert list(handle.keys()) == ["<alice>"]  # A1111 and ComfyUI read the one key whatever its name
+    parts = tiny_components("sd1")
+    pipe = StableDiffusionPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
+        scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.load_textual_inversion(str(path))
+    assert pipe.maybe_convert_prompt("a photo of <alice>", pipe.tokenizer) == "a photo of <alice> <alice>_1"
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<alice>", "<alice>_1"])
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), rows)
