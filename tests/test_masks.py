@@ -7,7 +7,10 @@ import torch
 
 from core.errors import InputError
 from core.images import check_masks, fit_tensor, join_batches
-from core.trainer import Trainer, preset_config
+from core.protocols import Conditioning, Model
+from core.trainer import Batch, Trainer, preset_config
+
+REG = 0.5  # large, so that a loss that drops the regulariser is told apart
 
 
 def test_join_batches_refuses_mixed_sizes_naming_both() -> None:
@@ -36,24 +39,60 @@ def test_check_masks_size_count_and_emptiness() -> None:
     assert check_masks(torch.ones(1, 32, 32), images).shape == (2, 1, 32, 32)
 
 
-def test_mask_weights_the_loss_towards_the_masked_region(sd1_model, images: torch.Tensor) -> None:
-    config = preset_config("cross_init_fast", batch_size=2, resolution=64, seed=3)
-    left = torch.zeros(2, 1, 64, 64)
-    left[..., :32] = 1.0
-    plain = Trainer(sd1_model, images, config)
-    masked = Trainer(sd1_model, images, config, masks=left)
-    batch = masked.sample_batch()
-    assert batch.weights is not None and batch.weights.shape == (2, 1, 8, 8)
+def _masked_trainer(model: Model, images: torch.Tensor, masks: torch.Tensor, flip_p: float) -> Trainer:
+    """A Cross-Init trainer with masks, a large reg_weight, and rows moved away from their start."""
+    config = preset_config("cross_init_fast", batch_size=2, resolution=64, seed=3, flip_p=flip_p, reg_weight=REG)
+    trainer = Trainer(model, images, config, masks=masks)
     with torch.no_grad():
-        plain_batch = plain.sample_batch()
-        assert torch.equal(plain_batch.latents, batch.latents)  # masks draw no random numbers
-        den = sd1_model.denoiser
-        from core.protocols import condition
+        for rows in trainer.rows.values():
+            rows.add_(torch.randn(rows.shape, generator=torch.Generator().manual_seed(2)))
+    return trainer
 
-        cond = condition(sd1_model, batch.prompts, masked.rows)
-        pred = den.predict(den.add_noise(batch.latents, batch.noise, batch.timesteps), batch.timesteps, cond)
-        error = (pred - den.target(batch.latents, batch.noise, batch.timesteps)) ** 2
-        w = batch.weights.expand_as(error)
-        expected = (error * w).sum() / w.sum()
-        assert torch.allclose(masked.loss(batch), expected, rtol=1e-5)
-        assert not torch.allclose(masked.loss(batch), error.mean(), rtol=1e-3)
+
+def _penalty(trainer: Trainer) -> float:
+    """REG times the mean over rows of ||v - v_init + 1e-6||, written out independently of the trainer."""
+    diff = trainer.rows["clip_l"].detach() - trainer.init_rows["clip_l"] + 1e-6
+    return REG * float(diff.pow(2).sum(dim=1).sqrt().mean())
+
+
+def _loss_with_bump(trainer: Trainer, batch: Batch, bump: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The trainer's loss when the UNet's prediction is shifted by bump, and the unshifted prediction."""
+    denoiser = trainer.model.denoiser
+    real_predict = denoiser.predict
+    seen: list[torch.Tensor] = []
+
+    def shifted(noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        seen.append(real_predict(noisy, timesteps, cond))
+        return seen[-1] + bump
+
+    denoiser.predict = shifted
+    try:
+        with torch.no_grad():
+            return float(trainer.loss(batch)), seen[0]
+    finally:
+        del denoiser.predict  # back to the class's method
+
+
+@pytest.mark.parametrize(("flip_p", "inside"), [(0.0, slice(0, 4)), (1.0, slice(4, 8))], ids=["plain", "mirrored"])
+def test_mask_weights_the_loss_towards_the_masked_region(
+    sd1_model: Model, images: torch.Tensor, flip_p: float, inside: slice
+) -> None:
+    """A left-half mask: the loss ignores errors outside it and is their mean inside it, plus the regulariser."""
+    left = torch.zeros(2, 1, 64, 64)
+    left[..., :32] = 1.0  # latent columns 0..3; a mirrored image (flip_p 1) gets the mirrored mask, columns 4..7
+    masked = _masked_trainer(sd1_model, images, left, flip_p)
+    batch = masked.sample_batch()
+    assert torch.equal(Trainer(sd1_model, images, masked.config).sample_batch().latents, batch.latents)  # no extra draws
+    outside = torch.ones(1, 1, 8, 8)
+    outside[..., inside] = 0.0
+    base, pred = _loss_with_bump(masked, batch, torch.zeros(()))
+    far_off_outside, _ = _loss_with_bump(masked, batch, 100.0 * outside)
+    off_by_one_inside, _ = _loss_with_bump(masked, batch, 1.0 - outside)
+    penalty = _penalty(masked)
+    assert penalty > 0.1
+    # the tiny SD1 model predicts epsilon, so the target is the noise
+    expected = float(((pred - batch.noise) ** 2)[..., inside].mean()) + penalty
+    assert abs(base - expected) < 1e-5 * expected, (base, expected)
+    assert abs(far_off_outside - base) < 1e-5 * base, (far_off_outside, base)
+    shifted = float(((pred + 1.0 - batch.noise) ** 2)[..., inside].mean()) + penalty
+    assert abs(off_by_one_inside - shifted) < 1e-5 * shifted, (off_by_one_inside, shifted)

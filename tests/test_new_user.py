@@ -296,3 +296,13 @@ def test_every_save_loads_in_diffusers_without_a_token_argument(tmp_path: Path, 
     assert pipe.maybe_convert_prompt("a photo of <alice>", pipe.tokenizer) == "a photo of <alice> <alice>_1"
     ids = pipe.tokenizer.convert_tokens_to_ids(["<alice>", "<alice>_1"])
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), rows)
+
+
+def test_legacy_pt_for_sdxl_is_refused_before_training(photo_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    def never(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("training started although the .pt could not be written afterwards")
+
+    monkeypatch.setattr(Trainer, "run", never)
+    code = main(["train", "--model", "tiny-sdxl", "--images", str(photo_dir), "--out", str(tmp_path / "x.safetensors"),
+                 "--legacy-pt"])
+    assert code == EXIT_INPUT and "--legacy-pt" in _one_error_line(capsys.readouterr().err)
