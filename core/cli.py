@@ -247,6 +247,11 @@ def run_train(args: argparse.Namespace) -> int:
     plan = plan_train(args)
     prediction_type = None if args.prediction_type == "auto" else args.prediction_type
     model = load_model(args.model, plan.device, prediction_type)
+    if "legacy" in plan.paths and len(model.encoders) > 1:
+        raise InputError(
+            f"--legacy-pt: the A1111 .pt layout holds one text encoder, and {model.name} ({model.family}) has "
+            f"{len(model.encoders)}; drop --legacy-pt, the .safetensors file loads in A1111 and ComfyUI"
+        )
     resolution = args.resolution or default_resolution(model)
     config = preset_config(
         args.preset,
