@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,6 +25,16 @@ def any_model(request: pytest.FixtureRequest) -> Model:
 def sd1_model() -> Model:
     """The tiny SD1 model."""
     return tiny_model("sd1")
+
+
+@pytest.fixture()
+def photo_dir(tmp_path: Path) -> Path:
+    """A folder with two small photos, one grayscale, for command-line runs."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (96, 80), (200, 120, 40)).save(folder / "a.png")
+    Image.new("L", (80, 96), 90).save(folder / "b.jpg")
+    return folder
 
 
 @pytest.fixture()

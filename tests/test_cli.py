@@ -17,16 +17,6 @@ from core.trainer import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture()
-def photo_dir(tmp_path: Path) -> Path:
-    """A folder with two small photos, one grayscale."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    Image.new("RGB", (96, 80), (200, 120, 40)).save(folder / "a.png")
-    Image.new("L", (80, 96), 90).save(folder / "b.jpg")
-    return folder
-
-
 def _train(photo_dir: Path, out: Path, *extra: str) -> int:
     """Run `train` in-process on the tiny model for 3 steps."""
     return main(["train", "--model", "tiny", "--images", str(photo_dir), "--out", str(out), "--steps", "3",

@@ -22,16 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
-def photo_dir(tmp_path: Path) -> Path:
-    """A folder with two small photos."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    Image.new("RGB", (96, 80), (200, 120, 40)).save(folder / "a.png")
-    Image.new("RGB", (80, 96), (20, 90, 140)).save(folder / "b.jpg")
-    return folder
-
-
-@pytest.fixture()
 def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if anything tries to load a model: the check under test must come first."""
 

@@ -17,15 +17,8 @@ from core.trainer import Trainer, preset_config
 def _reference_step(parts: dict, start_rows: torch.Tensor, batch, lr: float, wd: float) -> torch.Tensor:
     """diffusers textual_inversion.py semantics: new tokens, whole-table AdamW, restore other rows after the step."""
     tokenizer, text_encoder = parts["tokenizer"], parts["text_encoder"]
-    names = ["<ref>"] + [f"<ref>_{i}" for i in range(1, start_rows.shape[0])]
-    tokenizer.add_tokens(names)
-    ids = tokenizer.convert_tokens_to_ids(names)
-    text_encoder.resize_token_embeddings(len(tokenizer))
-    table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        table[ids] = start_rows
+    names, ids, table = _placeholder_table(parts, start_rows)
     original = table.detach().clone()
-    table.requires_grad_(True)
     optimizer = torch.optim.AdamW([table], lr=lr, betas=(0.9, 0.999), weight_decay=wd, eps=1e-8)
     prompts = [p.replace(SLOT, " ".join(names)) for p in batch.prompts]
     input_ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
