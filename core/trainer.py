@@ -13,7 +13,7 @@ from . import __version__
 from .cross_init import initial_rows
 from .errors import InputError
 from .identity import Identity
-from .protocols import MAX_TOKENS, SLOT, Model, condition
+from .protocols import MAX_TOKENS, SLOT, Denoiser, Model, condition
 from .templates import training_prompts
 
 
@@ -90,6 +90,14 @@ def preset_config(name: str, **overrides: object) -> TrainConfig:
     return TrainConfig(**values)
 
 
+@torch.no_grad()
+def encode_latents(denoiser: Denoiser, images: torch.Tensor, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent mean/std of every image and, with flips, of its mirror, laid out [originals, mirrors]; once per run."""
+    pixels = torch.cat([images, images.flip(-1)]) if flip else images
+    parts = [denoiser.encode_pixels(chunk) for chunk in pixels.split(4)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 @dataclass
 class Batch:
     """One training batch: clean latents, noise, integer timesteps, and prompts with a SLOT."""
@@ -132,8 +140,13 @@ class Trainer:
         config: TrainConfig,
         init: Identity | None = None,
         masks: torch.Tensor | None = None,
+        latents: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """masks: optional (N, 1, H, W) weights in [0, 1] at image size that focus the loss (e.g. on the face)."""
+        """masks: optional (N, 1, H, W) weights in [0, 1] at image size that focus the loss (e.g. on the face).
+
+        latents: the (mean, std) that encode_latents gave for these images and config, when the caller encoded them
+        already (ComfyUI does so before the UNet is loaded, so the VAE cannot evict it); else they are encoded here.
+        """
         self.model = model
         self.config = config
         self.prompts = list(training_prompts(config.templates))
@@ -154,7 +167,12 @@ class Trainer:
             weight_decay=self.config.weight_decay,
         )
         self.generator = torch.Generator().manual_seed(self.config.seed)
-        self.latent_mean, self.latent_std = self._encode_once(images)
+        if latents is None:
+            latents = encode_latents(model.denoiser, images, self.config.flip_p > 0)
+        self.latent_mean, self.latent_std = (part.to(device) for part in latents)
+        expected = images.shape[0] * (2 if self.config.flip_p > 0 else 1)
+        if self.latent_mean.shape[0] != expected:
+            raise InputError(f"latents: got {self.latent_mean.shape[0]} for {images.shape[0]} images; encode them with encode_latents")
         self.latent_weights = None if masks is None else self._latent_weights(masks)
         self.steps_done = 0
 
@@ -182,13 +200,6 @@ class Trainer:
                 f"tokens: {n_tokens} vectors do not fit; CLIP takes 75 prompt tokens and the longest training prompt "
                 f"uses {longest}, leaving room for {room}; use at most {room}"
             )
-
-    @torch.no_grad()
-    def _encode_once(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent mean/std of every image and, when flips are on, of its mirror: [originals, mirrors]."""
-        pixels = torch.cat([images, images.flip(-1)]) if self.config.flip_p > 0 else images
-        parts = [self.model.denoiser.encode_pixels(chunk) for chunk in pixels.split(4)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _latent_weights(self, masks: torch.Tensor) -> torch.Tensor:
         """Masks averaged down to latent size, laid out like the cached latents (originals, then mirrors)."""
