@@ -27,6 +27,7 @@ NODE_IDS = {
     "IdentityTokens_ApplyIdentity",
     "IdentityTokens_SaveIdentity",
     "IdentityTokens_LoadIdentity",
+    "IdentityTokens_FaceCrop",
 }
 TRAIN, SAVE, LOSS_PREVIEW, SAVE_IMAGE = "3", "4", "5", "11"  # node ids in train_save_sample.api.json
 PHOTO_LOADERS, COLLECT = ("2", "13", "14"), "15"  # its three Load Image nodes and their Collect Photos

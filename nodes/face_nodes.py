@@ -1,0 +1,85 @@
+"""The Face Crop node: photos of any sizes in, same-size face crops and soft face masks out, ready for training."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.errors import InputError
+from ..core.faces import DEFAULT_MARGIN, DEFAULT_SIZE, DEFAULT_SOFTNESS, MIN_SIZE, ON_NO_FACE, crop_faces
+
+CATEGORY = "identity_tokens"
+
+
+def _first(value: object) -> object:
+    """The single value of an input that arrives as a list (nodes with INPUT_IS_LIST)."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+def _photo_arrays(photos: list) -> list:
+    """Every photo of the IMAGE batches, in order, as an (H, W, 3) float32 array in [0, 1]."""
+    arrays = []
+    for number, batch in enumerate(photos or [], start=1):
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[-1] != 3:
+            shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise InputError(
+                f"photos: input {number} is not a batch of RGB photos (got {shape}); connect an IMAGE such as Load Image's"
+            )
+        arrays += list(batch.detach().float().cpu().numpy())
+    if not arrays:
+        raise InputError("photos: got no photos; connect at least one (Load Image or Collect Photos)")
+    return arrays
+
+
+class FaceCrop:
+    """Finds the largest face in each photo, crops a square around it, and makes a soft mask of the face."""
+
+    DESCRIPTION = (
+        "Finds the face in each photo (OpenCV's bundled face detector, offline), crops a square around the largest "
+        "one and resizes it, so photos of any sizes come out as one IMAGE batch of one size, plus a soft MASK of the "
+        "face in each crop. Connect both to Train Identity Token's images and mask."
+    )
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("images", "masks")
+    FUNCTION = "crop"
+    CATEGORY = CATEGORY
+    INPUT_IS_LIST = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        """Sockets and widgets."""
+        return {
+            "required": {
+                "photos": ("IMAGE", {"tooltip": (
+                    "Photos of the subject, of any sizes (connect Collect Photos, or one Load Image); a batch counts "
+                    "as its photos. With several faces in a photo the largest is used (the log says so)."
+                )}),
+                "size": ("INT", {"default": DEFAULT_SIZE, "min": MIN_SIZE, "max": 4096, "step": 8, "tooltip": (
+                    "Side of the square crops in px; use the training resolution (512 for SD1.x, 1024 for SDXL)."
+                )}),
+                "margin": ("FLOAT", {"default": DEFAULT_MARGIN, "min": 1.0, "max": 4.0, "step": 0.05, "tooltip": (
+                    "Crop side as a multiple of the detected face box (brows to mouth): 2.0 shows the whole head, "
+                    "1.0 only the face. Near a border the square shifts to stay inside the photo."
+                )}),
+                "mask_softness": ("FLOAT", {"default": DEFAULT_SOFTNESS, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
+                    "Width of the mask's soft edge, as a fraction of the face oval's size; 0 gives a hard edge."
+                )}),
+                "on_no_face": (list(ON_NO_FACE), {"default": "error", "tooltip": (
+                    "A photo without a detectable face: error stops and names it; skip leaves it out (the log says so)."
+                )}),
+            }
+        }
+
+    def crop(self, photos: list, size: list, margin: list, mask_softness: list, on_no_face: list) -> tuple:
+        """Detect, crop and mask every photo; return the crops and masks as one batch each."""
+        crops = crop_faces(
+            _photo_arrays(photos), size=int(_first(size)), margin=float(_first(margin)),
+            softness=float(_first(mask_softness)), on_no_face=str(_first(on_no_face)),
+        )
+        images = torch.stack([torch.from_numpy(crop.image) for crop in crops])
+        masks = torch.stack([torch.from_numpy(crop.mask) for crop in crops])
+        return (images, masks)
+
+
+NODE_CLASSES = {
+    "IdentityTokens_FaceCrop": (FaceCrop, "Face Crop"),
+}
