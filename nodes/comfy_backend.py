@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import logging
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -13,10 +16,24 @@ import torch.nn.functional as F
 from ..core.errors import InputError
 from ..core.prompts import PromptCache, in_vocabulary
 from ..core.protocols import Conditioning, EncodedText, Model
+from ..core.trainer import encode_latents
 
 ENCODER_ORDER = ("clip_l", "clip_h", "clip_g")  # SDXL's context is clip_l then clip_g, as core.condition joins it
 FAMILY_BY_MODEL = {("BaseModel", ("clip_l",)): "sd1", ("BaseModel", ("clip_h",)): "sd2", ("SDXL", ("clip_l", "clip_g")): "sdxl"}
-PREDICTION_TYPES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
+COND = 0  # comfy.samplers' index of the positive prompt in transformer_options["cond_or_uncond"]
+# The ComfyUI node behind each model-sampling class a refusal can meet (first match in the class's MRO names it).
+SAMPLING_NODES = (
+    ("ModelSamplingDiscreteDistilled", "ModelSamplingDiscrete (sampling lcm)"),
+    ("LCM", "ModelSamplingDiscrete (sampling lcm)"),
+    ("IMG_TO_IMG", "ModelSamplingDiscrete (sampling img_to_img)"),
+    ("X0", "ModelSamplingDiscrete (sampling x0)"),
+    ("ModelSamplingContinuousV", "ModelSamplingContinuousV"),
+    ("ModelSamplingContinuousEDM", "ModelSamplingContinuousEDM"),
+    ("ModelSamplingDiscreteFlow", "ModelSamplingSD3 (or ModelSamplingAuraFlow)"),
+    ("ModelSamplingFlux", "ModelSamplingFlux"),
+    ("StableCascadeSampling", "ModelSamplingStableCascade"),
+)
+log = logging.getLogger("identity_tokens")
 
 
 def clip_encoders(clip: object) -> dict[str, tuple[torch.nn.Module, object]]:
@@ -48,12 +65,68 @@ def detect_family(model_patcher: object | None, clip: object) -> str:
             f"model: a {model_class} model is not supported with a {family} CLIP; Identity Tokens trains SD1.x, "
             "SD2.x and SDXL checkpoints: connect the MODEL and CLIP of one such checkpoint"
         )
-    model_type = model_patcher.model.model_type.name
-    if model_type not in PREDICTION_TYPES:
-        raise InputError(
-            f"model: prediction type {model_type} is not supported; use an epsilon or v-prediction SD checkpoint"
-        )
     return family
+
+
+def model_object(model_patcher: object, name: str) -> object:
+    """An attribute of the MODEL as its object patches set it for sampling (ModelPatcher.get_model_object, on any core)."""
+    getter = getattr(model_patcher, "get_model_object", None)
+    if getter is not None:
+        return getter(name)
+    if name in model_patcher.object_patches:  # the 2024 core has no get_model_object; the same lookup
+        return model_patcher.object_patches[name]
+    if name in model_patcher.object_patches_backup:
+        return model_patcher.object_patches_backup[name]
+    return functools.reduce(getattr, name.split("."), model_patcher.model)
+
+
+def _unsupported_sampling(sampling: object) -> str:
+    """Why the trainer cannot use a model_sampling object, in a few words; '' when it can."""
+    import comfy.model_sampling as ms
+
+    kind = type(sampling)
+    names = [cls.__name__ for cls in kind.__mro__]
+    if not isinstance(sampling, ms.ModelSamplingDiscrete):
+        return "a flow-matching schedule" if "CONST" in names else "a continuous noise schedule"
+    if kind.calculate_denoised not in (ms.EPS.calculate_denoised, ms.V_PREDICTION.calculate_denoised):
+        owner = next(cls.__name__ for cls in kind.__mro__ if "calculate_denoised" in vars(cls))
+        return f"{'boundary-scaled LCM' if owner == 'LCM' else owner} outputs instead of epsilon or v-prediction"
+    if kind.timestep is not ms.ModelSamplingDiscrete.timestep or kind.sigma is not ms.ModelSamplingDiscrete.sigma:
+        return "a distilled or remapped timestep schedule"
+    if getattr(kind, "calculate_input", None) is not ms.EPS.calculate_input or float(sampling.sigma_data) != 1.0:
+        return "a non-standard input scaling"
+    return ""
+
+
+def _sampling_node(sampling: object) -> str:
+    """The ComfyUI node that made this model_sampling object, as users see it in the graph."""
+    names = [cls.__name__ for cls in type(sampling).__mro__]
+    for marker, node in SAMPLING_NODES:
+        if marker in names:
+            return node
+    return f"the node that set its model sampling ({', '.join(cls.__name__ for cls in type(sampling).__bases__)})"
+
+
+def sampling_of(model_patcher: object) -> tuple[str, object]:
+    """(prediction type, model_sampling) of the MODEL as the sampler runs it; patches training cannot honour are refused."""
+    import comfy.model_sampling as ms
+
+    sampling = model_object(model_patcher, "model_sampling")
+    why = _unsupported_sampling(sampling)
+    if why:
+        if "model_sampling" in model_patcher.object_patches:
+            raise InputError(
+                f"model: its sampling is patched by {_sampling_node(sampling)}, which gives {why}; Train Identity "
+                "Token trains only with a discrete epsilon or v-prediction schedule, so remove that node before Train "
+                "Identity Token (it can stay between the MODEL and your sampler)"
+            )
+        model_type = getattr(getattr(model_patcher.model, "model_type", None), "name", type(sampling).__name__)
+        raise InputError(
+            f"model: this checkpoint samples with {why} ({model_type}), which Train Identity Token cannot train with; "
+            "use an epsilon or v-prediction SD1.x, SD2.x or SDXL checkpoint"
+        )
+    prediction = "epsilon" if type(sampling).calculate_denoised is ms.EPS.calculate_denoised else "v_prediction"
+    return prediction, sampling
 
 
 def _layer_options(module: torch.nn.Module, clip: object) -> tuple[str, int | None, bool]:
@@ -142,27 +215,25 @@ class ComfyTextEncoder:
 
 
 class _MomentsCapture(torch.nn.Module):
-    """Stands in for a VAE's Gaussian regulariser: keeps the moments it is given and returns their mean."""
+    """Stands in for a KL VAE's Gaussian regulariser: records every call's mean and std, and returns the mean (or std)."""
 
-    def __init__(self) -> None:
+    def __init__(self, give_std: bool = False) -> None:
         super().__init__()
-        self.moments: torch.Tensor | None = None
+        self.give_std = give_std
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Record z (mean and log-variance) and pass the mean on, as the mode of the distribution."""
-        self.moments = z
-        return z.chunk(2, dim=1)[0], {}
+        """Split z into mean and log-variance, keep both moments, pass one on in place of a sample."""
+        mean, logvar = z.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))  # DiagonalGaussianDistribution's clamp
+        self.calls.append((mean, std))
+        return (std.to(mean.dtype) if self.give_std else mean), {}
 
 
 @contextmanager
-def _captured_moments(vae: object) -> Iterator[_MomentsCapture | None]:
-    """While active, a KL VAE's encode returns the latent mean and leaves the moments in the capture."""
-    first_stage = vae.first_stage_model
-    original = getattr(first_stage, "regularization", None)
-    if original is None or not hasattr(original, "sample"):  # TAESD and other deterministic encoders
-        yield None
-        return
-    capture = _MomentsCapture()
+def _regulariser(first_stage: torch.nn.Module, capture: _MomentsCapture) -> Iterator[_MomentsCapture]:
+    """While active, the VAE's encode goes through capture instead of its Gaussian regulariser."""
+    original = first_stage.regularization
     first_stage.regularization = capture
     try:
         yield capture
@@ -170,25 +241,83 @@ def _captured_moments(vae: object) -> Iterator[_MomentsCapture | None]:
         first_stage.regularization = original
 
 
+def _assembled(calls: list[tuple[torch.Tensor, torch.Tensor]], mean: torch.Tensor) -> torch.Tensor | None:
+    """The std of the batch when the calls were whole images in order (one call or sub-batches); None for tiles."""
+    if not calls or any(m.shape[1:] != mean.shape[1:] for m, _ in calls) or sum(m.shape[0] for m, _ in calls) != mean.shape[0]:
+        return None
+    if not torch.equal(torch.cat([m for m, _ in calls]).float().to(mean.device), mean):
+        return None
+    return torch.cat([s for _, s in calls]).to(mean.device)
+
+
+def vae_moments(vae: object, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent mean and std of IMAGEs (N, H, W, 3) through ComfyUI's VAE.encode, however it split or tiled the batch.
+
+    One call or memory-sized sub-batches: each call's moments are kept and put together in order (checked against
+    what encode returned). Tiles (ComfyUI's fallback on out-of-memory): encode runs again with the std in place of the
+    mean, so ComfyUI's tiler blends the std exactly as it blended the mean. Deterministic encoders (TAESD) have std 0.
+    """
+    first_stage = vae.first_stage_model
+    if not hasattr(getattr(first_stage, "regularization", None), "sample"):  # TAESD and other deterministic encoders
+        mean = vae.encode(images).float()
+        return mean, torch.zeros_like(mean)
+    with _regulariser(first_stage, _MomentsCapture()) as capture:
+        mean = vae.encode(images).float()
+    if not capture.calls:  # an encode path that skips the regulariser gives no moments
+        return mean, torch.zeros_like(mean)
+    std = _assembled(capture.calls, mean)
+    if std is None:
+        with _regulariser(first_stage, _MomentsCapture(give_std=True)):
+            std = vae.encode(images).float()
+    return mean, std
+
+
+def encode_training_latents(model: Model, pixels: torch.Tensor, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The photos' latent moments for Trainer(latents=...), through ComfyUI's VAE, as tensors autograd may use.
+
+    Call it before trainable(): loading the VAE then cannot evict the UNet that training is about to load.
+    """
+    mean, std = encode_latents(model.denoiser, pixels, flip)
+    with torch.inference_mode(False):  # ComfyUI's executor made them inference tensors
+        return mean.clone(), std.clone()
+
+
+def partially_loaded(model_patcher: object) -> bool:
+    """Whether ComfyUI loaded the MODEL only in part (--lowvram, --novram, or too little free VRAM)."""
+    return getattr(model_patcher, "model_lowvram", False) is True or bool(getattr(model_patcher.model, "model_lowvram", False))
+
+
 class ComfyDenoiser:
-    """A ComfyUI MODEL: apply_model under its own noise schedule, with the sigma/timestep mapping it samples with."""
+    """A ComfyUI MODEL as its patches leave it: the sampler's model_sampling, transformer_options and model wrapper."""
 
     def __init__(self, model_patcher: object, vae: object | None, family: str) -> None:
         self.patcher = model_patcher
         self.model = model_patcher.model
         self.vae = vae
         self.family = family
-        self.prediction_type = PREDICTION_TYPES[self.model.model_type.name]
+        self.prediction_type, self.model_sampling = sampling_of(model_patcher)
+        self.latent_format = model_object(model_patcher, "latent_format")
         with torch.inference_mode(False):  # normal tensors: they take part in the training graph
-            self.sigmas = self.model.model_sampling.sigmas.detach().float().clone()
-            self.alphas_cumprod = 1.0 / (1.0 + self.sigmas**2)
+            self.sigmas = self.model_sampling.sigmas.detach().float().clone()
         self.num_train_timesteps = int(self.sigmas.shape[0])
-        self.transformer_options = dict(model_patcher.model_options.get("transformer_options", {}))
+        self.model_options = model_patcher.model_options
+        self.transformer_options = dict(self.model_options.get("transformer_options", {}))
+        self.cond_uuid = uuid.uuid4()  # comfy.samplers gives each cond a uuid ("uuids"); training has one cond
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def device(self) -> torch.device:
         """The device ComfyUI runs this model on."""
         return torch.device(self.patcher.load_device)
+
+    def _schedule(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sigmas, alpha-bar, the sampler-style descending sigmas ending in 0) on device, copied there once."""
+        if device not in self._tables:
+            with torch.inference_mode(False):
+                sigmas = self.sigmas.to(device)
+                descending = torch.cat([sigmas.flip(0), sigmas.new_zeros(1)])
+                self._tables[device] = (sigmas, 1.0 / (1.0 + sigmas**2), descending)
+        return self._tables[device]
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,20 +325,15 @@ class ComfyDenoiser:
         if self.vae is None:
             raise InputError("vae: no VAE connected; connect the checkpoint's VAE so the photos can be encoded")
         images = ((pixels.float() + 1) / 2).clamp(0, 1).movedim(1, -1)  # ComfyUI IMAGE layout (N, H, W, 3)
-        with _captured_moments(self.vae) as capture:
-            mean = self.vae.encode(images).float()
-        if capture is None or capture.moments is None:
-            std = torch.zeros_like(mean)
-        else:
-            _, logvar = capture.moments.float().chunk(2, dim=1)
-            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0)).to(mean.device)
-        scaled_mean = self.model.process_latent_in(mean)
-        scaled_std = self.model.process_latent_in(mean + std) - scaled_mean
+        mean, std = vae_moments(self.vae, images)
+        scaled_mean = self.latent_format.process_in(mean)
+        scaled_std = self.latent_format.process_in(std) - self.latent_format.process_in(torch.zeros_like(std))  # affine
         return scaled_mean.to(self.device), scaled_std.to(self.device)
 
     def _abar(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """alpha-bar at integer timesteps, shaped to broadcast over latents."""
-        return self.alphas_cumprod.to(like.device)[timesteps.long().to(like.device)].view(-1, 1, 1, 1).to(like.dtype)
+        abar = self._schedule(like.device)[1]
+        return abar[timesteps.long().to(like.device)].view(-1, 1, 1, 1).to(like.dtype)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar) x_0 + sqrt(1 - abar) noise, the variance-preserving form of ComfyUI's x_0 + sigma noise."""
@@ -232,18 +356,41 @@ class ComfyDenoiser:
         )
         return adm.to(noisy.device)
 
+    def sampling_options(self, sigma: torch.Tensor) -> dict:
+        """transformer_options as comfy.samplers builds them for one all-positive batch at these sigmas."""
+        options = dict(self.transformer_options)  # a new dict per call: the UNet writes block, original_shape, ...
+        options.setdefault("sample_sigmas", self._schedule(sigma.device)[2])  # a sampler's schedule: high to 0
+        options.update(cond_or_uncond=[COND], uuids=[self.cond_uuid], sigmas=sigma)
+        return options
+
+    def _apply_model(self, model_input: torch.Tensor, sigma: torch.Tensor, c: dict) -> torch.Tensor:
+        """BaseModel.apply_model, through the MODEL's model_function_wrapper when a node set one, as the sampler calls it."""
+        if self.model.model_sampling is not self.model_sampling:
+            raise RuntimeError(
+                "model: ComfyUI has not applied this MODEL's sampling patch (the MODEL is not loaded); call the "
+                "denoiser inside trainable(), which loads it"
+            )
+        wrapper = self.model_options.get("model_function_wrapper")
+        if wrapper is None:
+            return self.model.apply_model(model_input, sigma, **c)
+        args = {"input": model_input, "timestep": sigma, "c": c, "cond_or_uncond": [COND]}
+        return wrapper(self.model.apply_model, args)
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model output (noise or velocity) for x_t, recovered from apply_model's denoised x_0."""
-        sigma = self.sigmas.to(noisy.device)[timesteps.long().to(noisy.device)]
+        sigma = self._schedule(noisy.device)[0][timesteps.long().to(noisy.device)]
         s = sigma.view(-1, 1, 1, 1)
         scale = (s**2 + 1).sqrt()
         model_input = noisy * scale  # ComfyUI's x = x_0 + sigma * noise; apply_model divides by sqrt(sigma^2 + 1)
-        extra = {}
+        c = {"c_crossattn": cond.context, "transformer_options": self.sampling_options(sigma)}
         if self.family == "sdxl":
-            extra["y"] = self._size_conditioning(cond.pooled, noisy)
-        denoised = self.model.apply_model(
-            model_input, sigma, c_crossattn=cond.context, transformer_options=self.transformer_options, **extra
-        ).float()
+            c["y"] = self._size_conditioning(cond.pooled, noisy)
+        denoised = self._apply_model(model_input, sigma, c).float()
+        if cond.context.requires_grad and not denoised.requires_grad:
+            raise InputError(
+                "model: a patch on this MODEL (a model wrapper or attention replacement) computes without gradients, "
+                "so the identity cannot learn; remove the node that added it before Train Identity Token"
+            )
         if self.prediction_type == "epsilon":
             return (model_input - denoised) / s
         return (model_input / scale**2 - denoised) * scale / s
@@ -272,13 +419,22 @@ def _declone(module: torch.nn.Module) -> None:
 
 
 def load_models(patchers: list[object]) -> None:
-    """Load models onto ComfyUI's device through its memory management, fully where this core can be asked to."""
+    """Load models through ComfyUI's memory management, which honours --lowvram / --novram and loads in part if needed."""
     import comfy.model_management as mm
 
-    if "force_full_load" in inspect.signature(mm.load_models_gpu).parameters:
-        mm.load_models_gpu(patchers, force_full_load=True)
+    mm.load_models_gpu(patchers)
+
+
+def _log_load(model_patcher: object) -> None:
+    """Say how ComfyUI loaded the MODEL for training: fully, or in part with the rest streamed in each step."""
+    if partially_loaded(model_patcher):
+        log.warning(
+            "Identity Tokens: the MODEL is loaded only in part (--lowvram, --novram or too little free VRAM); training "
+            "streams the rest of its weights in every step (slower), and the backward pass keeps the streamed copies, "
+            "so this saves little memory. Lower batch_size or resolution if training runs out of memory."
+        )
     else:
-        mm.load_models_gpu(patchers)
+        log.info("Identity Tokens: the MODEL is fully loaded on %s for training", model_patcher.load_device)
 
 
 def _residuals_in_place() -> bool:
@@ -298,13 +454,18 @@ def _keep_saved_activation(tensor: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def trainable(model_patcher: object | None, clip: object) -> Iterator[None]:
-    """Inside: inference mode off, grad on, models loaded, weights decloned (values unchanged for later nodes)."""
+    """Inside: inference mode off, grad on, models loaded (in part where ComfyUI chose so), weights decloned.
+
+    Weight values are unchanged for later nodes. Encode the training latents before entering (encode_training_latents):
+    nothing inside loads another model, so the UNet stays where ComfyUI put it for every step.
+    """
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         patchers = ([model_patcher] if model_patcher is not None else []) + [clip.patcher]
         load_models(patchers)
         if model_patcher is not None:
+            _log_load(model_patcher)
             _declone(model_patcher.model)
         _declone(clip.cond_stage_model)
         if model_patcher is not None and _residuals_in_place():  # older cores only; costs one copy of activations

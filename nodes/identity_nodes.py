@@ -18,7 +18,7 @@ from ..core.images import fit_photos
 from ..core.models import native_resolution
 from ..core.plot import loss_curve_png
 from ..core.trainer import OUT_OF_MEMORY, Trainer, preset_config
-from .comfy_backend import comfy_model, load_models, trainable
+from .comfy_backend import comfy_model, encode_training_latents, load_models, trainable
 from .conditioning import encode_with_identities
 
 CATEGORY = "identity_tokens"
@@ -195,8 +195,9 @@ class TrainIdentityToken:
         )
         start = _normal(_first(init)) if init and _first(init) is not None else None
         progress = _Progress(config.steps, _first(unique_id))
+        latents = encode_training_latents(core_model, pixels, config.flip_p > 0)  # VAE first: it cannot evict the UNet
         with trainable(_first(model), _first(clip)):
-            trainer = Trainer(core_model, pixels, config, init=start, masks=masks)
+            trainer = Trainer(core_model, pixels, config, init=start, masks=masks, latents=latents)
             result = trainer.run(on_step=progress, should_stop=mm.processing_interrupted)
         if result.stopped == "cancelled":
             raise mm.InterruptProcessingException()
