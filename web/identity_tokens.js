@@ -3,7 +3,38 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const TRAIN_NODE = "IdentityTokens_TrainIdentityToken";
+const SIMILARITY_NODE = "IdentityTokens_FaceSimilarity";
 const CHART_HEIGHT = 60;
+const REPORT_LINE = 15;
+
+function drawReport(ctx, node, lines) {
+  // The Face Similarity report under the widgets, one line per row, clipped to the node's width.
+  const top = node.size[1] - lines.length * REPORT_LINE - 8;
+  ctx.save();
+  ctx.fillStyle = "#ddd";
+  ctx.font = "12px monospace";
+  lines.forEach((line, i) => ctx.fillText(line, 10, top + (i + 1) * REPORT_LINE, node.size[0] - 20));
+  ctx.restore();
+}
+
+function showReport(nodeType) {
+  // Keep the text a run sent back (ui.text) and draw it on the node, growing the node to fit.
+  const executed = nodeType.prototype.onExecuted;
+  nodeType.prototype.onExecuted = function (message) {
+    executed?.apply(this, arguments);
+    const lines = (message?.text ?? []).join("\n").split("\n").slice(0, 20);
+    const grow = lines.length * REPORT_LINE + 12 - (this.identityTokensReport?.length ?? 0) * REPORT_LINE;
+    this.identityTokensReport = lines;
+    if (grow > 0) this.setSize([Math.max(this.size[0], 360), this.size[1] + grow]);
+    this.setDirtyCanvas(true, false);
+  };
+  const draw = nodeType.prototype.onDrawForeground;
+  nodeType.prototype.onDrawForeground = function (ctx) {
+    draw?.apply(this, arguments);
+    if (this.flags?.collapsed || !this.identityTokensReport?.length) return;
+    drawReport(ctx, this, this.identityTokensReport);
+  };
+}
 
 function drawLossChart(ctx, node, history) {
   // Sparkline of the loss so far, under the widgets, with the latest step and loss as text.
@@ -51,6 +82,7 @@ app.registerExtension({
     });
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name === SIMILARITY_NODE) showReport(nodeType);
     if (nodeData.name !== TRAIN_NODE) return;
     const original = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function (ctx) {
