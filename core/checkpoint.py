@@ -317,7 +317,7 @@ def _check_loaded(module: torch.nn.Module, name: str, source: str) -> None:
 def _build_parts(
     family: str, checkpoint: dict, folder: Path, prediction_type: str | None, dtype: torch.dtype, source: str
 ) -> dict:
-    """Every diffusers component of a family from one LDM state dict; UNet/VAE in dtype, text encoders float32."""
+    """Every diffusers component of a family from one LDM state dict; read in float32, then placed in dtype."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 

@@ -67,6 +67,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token", help="placeholder name stored in the file (default: <file stem>)")
     p.add_argument("--steps", type=int, help="optimisation steps (preset default)")
     p.add_argument("--batch-size", type=int, help="images per step (preset default)")
+    p.add_argument(
+        "--micro-batch-size",
+        type=int,
+        help="images per forward/backward pass, to fit a small GPU; the step is the same (default: the whole batch)",
+    )
     p.add_argument("--lr", type=float, dest="learning_rate", help="learning rate (preset default)")
     p.add_argument("--scale-lr", action="store_true", default=None, help="multiply the learning rate by the batch size")
     p.add_argument("--tokens", type=int, dest="n_tokens", help="vectors in the identity (preset default)")
@@ -258,6 +263,7 @@ def run_train(args: argparse.Namespace) -> int:
         token=plan.token,
         steps=args.steps,
         batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
         learning_rate=args.learning_rate,
         scale_lr=args.scale_lr,
         n_tokens=args.n_tokens,

@@ -47,7 +47,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """UNet/VAE precision: bf16 or fp16 on CUDA, fp32 on the CPU (text encoders always stay fp32)."""
+    """UNet/VAE precision: bf16 or fp16 on CUDA, fp32 on the CPU (text encoders too; the identity rows stay fp32)."""
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import InputError
-from .protocols import MAX_TOKENS, SLOT, TextEncoder
+from .protocols import MAX_TOKENS, SLOT, TextEncoder, index_on
 
 
 def in_vocabulary(vocab: dict[str, int], word: str) -> bool:
@@ -35,11 +35,12 @@ def prompt_ids(encoder: TextEncoder, prompt: str, n_rows: int) -> tuple[list[int
 
 
 class PromptCache:
-    """prompt_ids computed once per (prompt, n_rows): training reuses the same templates every step."""
+    """prompt_ids computed once per (prompt, n_rows), and their tensors once per device: templates repeat every step."""
 
     def __init__(self, encoder: TextEncoder) -> None:
         self.encoder = encoder
         self._cache: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+        self._tensors: dict[tuple[str, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def ids(self, prompt: str, n_rows: int) -> tuple[list[int], list[int]]:
         """The ids and row positions of one prompt."""
@@ -48,11 +49,27 @@ class PromptCache:
             self._cache[key] = prompt_ids(self.encoder, prompt, n_rows)
         return self._cache[key]
 
+    def has_rows(self, prompts: list[str], n_rows: int) -> bool:
+        """Whether any prompt has a slot that rows go into; decided on the host, so no device tensor is read."""
+        return n_rows > 0 and any(self.ids(p, n_rows)[1] for p in prompts)
+
+    def tensors(self, prompt: str, n_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt's (77,) ids and (77,) row index (-1 where no row goes), copied to device once."""
+        key = (prompt, n_rows, device)
+        if key not in self._tensors:
+            ids, positions = self.ids(prompt, n_rows)
+            slots = [-1] * len(ids)
+            for row, position in enumerate(positions):
+                slots[position] = row
+            self._tensors[key] = (index_on(device, ids), index_on(device, slots))
+        return self._tensors[key]
+
+    def spliced(self, prompts: list[str], n_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 77) ids and (B, 77) index of the identity row at each position (-1 for none), on device."""
+        parts = [self.tensors(p, n_rows, device) for p in prompts]
+        return torch.stack([ids for ids, _ in parts]), torch.stack([slots for _, slots in parts])
+
     def batch(self, prompts: list[str], n_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 77) ids and a (B, 77) boolean mask of the row positions, on device."""
-        built = [self.ids(p, n_rows) for p in prompts]
-        input_ids = torch.tensor([ids for ids, _ in built], device=device)
-        mask = torch.zeros(input_ids.shape, dtype=torch.bool, device=device)
-        for i, (_, positions) in enumerate(built):
-            mask[i, positions] = True
-        return input_ids, mask
+        input_ids, slots = self.spliced(prompts, n_rows, device)
+        return input_ids, slots >= 0

@@ -29,6 +29,22 @@ class Conditioning:
     context: torch.Tensor  # (B, 77, D)
     pooled: torch.Tensor | None = None
 
+    def select(self, index: Sequence[int]) -> Conditioning:
+        """The conditioning of rows index, in that order."""
+        if list(index) == list(range(self.context.shape[0])):
+            return self
+        at = index_on(self.context.device, index)
+        pooled = None if self.pooled is None else self.pooled.index_select(0, at.to(self.pooled.device))
+        return Conditioning(context=self.context.index_select(0, at), pooled=pooled)
+
+
+def index_on(device: torch.device, index: Sequence[int]) -> torch.Tensor:
+    """index as a long tensor on device; on CUDA it goes from pinned memory without waiting (a plain copy syncs)."""
+    host = torch.tensor(list(index), dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
 
 @runtime_checkable
 class TextEncoder(Protocol):
@@ -36,6 +52,7 @@ class TextEncoder(Protocol):
 
     key: str  # "clip_l", "clip_h" or "clip_g": the encoder's key in identity files
     width: int  # input embedding width
+    # Optional `dtype: torch.dtype`: the dtype it computes in (core.precision.part_dtype reads float32 when absent).
 
     def token_ids(self, text: str) -> list[int]:
         """BPE ids of text, without BOS/EOS."""
@@ -65,6 +82,7 @@ class Denoiser(Protocol):
     prediction_type: str  # "epsilon" or "v_prediction"
     num_train_timesteps: int
     device: torch.device
+    # Optional `dtype: torch.dtype`: the dtype the UNet computes in; float16 turns on loss scaling (core.precision).
 
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled latent mean and std of images in [-1, 1], (N, 3, H, W) -> two (N, C, h, w)."""
@@ -100,9 +118,22 @@ class Model:
         raise KeyError(key)
 
 
-def condition(model: Model, prompts: Sequence[str], rows: Mapping[str, torch.Tensor] | None) -> Conditioning:
-    """Encode prompts with every encoder, identity rows spliced at SLOT, and join them as the family does."""
+def distinct_prompts(prompts: Sequence[str]) -> tuple[list[str], list[int]]:
+    """The distinct prompts in first-seen order, and for each prompt the position of its distinct one."""
+    first: dict[str, int] = {}
+    inverse = [first.setdefault(p, len(first)) for p in prompts]
+    return list(first), inverse
+
+
+def encode_distinct(model: Model, prompts: Sequence[str], rows: Mapping[str, torch.Tensor] | None) -> Conditioning:
+    """Encode prompts (meant to be distinct) with every encoder, rows spliced at SLOT, joined as the family does."""
     outputs = [enc.encode(prompts, None if rows is None else rows[enc.key]) for enc in model.encoders]
     context = outputs[0].hidden if len(outputs) == 1 else torch.cat([o.hidden for o in outputs], dim=-1)
     pooled = next((o.pooled for o in reversed(outputs) if o.pooled is not None), None)
     return Conditioning(context=context, pooled=pooled)
+
+
+def condition(model: Model, prompts: Sequence[str], rows: Mapping[str, torch.Tensor] | None) -> Conditioning:
+    """Encode prompts with every encoder, identity rows spliced at SLOT; each distinct prompt is encoded once."""
+    distinct, inverse = distinct_prompts(prompts)
+    return encode_distinct(model, distinct, rows).select(inverse)

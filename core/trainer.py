@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -13,7 +14,8 @@ from . import __version__
 from .cross_init import initial_rows
 from .errors import InputError
 from .identity import Identity
-from .protocols import MAX_TOKENS, SLOT, Denoiser, Model, condition
+from .precision import LossScaler, compute_dtype, fast_float32_matmuls, guarded_step, optimizer_options
+from .protocols import MAX_TOKENS, SLOT, Conditioning, Denoiser, Model, condition, distinct_prompts, encode_distinct
 from .templates import training_prompts
 
 
@@ -37,12 +39,24 @@ class TrainConfig:
     templates: str = "face"  # face: "... face of {} person" (Cross-Init) | object: "a photo of a {}" (TI)
     flip_p: float = 0.5  # probability of a horizontal flip per sample
     resolution: int = 512
-    seed: int = 0
+    seed: int = 0  # the same seed gives the same identity on the same device type (draws come from its generator)
+    # Samples per forward/backward pass; 0 or None: the whole batch at once. Smaller needs less memory and gives the
+    # same step (gradients are accumulated over the micro-batches), at some speed.
+    micro_batch_size: int | None = None
+    # float16 models only: the dynamic loss scale to start from (halved on overflow, doubled after 100 good steps);
+    # 0 turns scaling off, which loses most of the gradient to float16 underflow. bfloat16 and float32 need none.
+    fp16_loss_scale: float = 2.0**16
 
     @property
     def effective_lr(self) -> float:
         """The learning rate AdamW runs with."""
         return self.learning_rate * (self.batch_size if self.scale_lr else 1)
+
+    @property
+    def micro_batch(self) -> int:
+        """Samples per forward/backward pass: micro_batch_size, or the whole batch when it is 0, None or larger."""
+        size = self.micro_batch_size or self.batch_size
+        return min(int(size), self.batch_size)
 
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -108,18 +122,38 @@ class Batch:
     prompts: list[str]
     weights: torch.Tensor | None = None  # (B, 1, h, w) loss weights from the masks, or None for a plain mean
 
+    def part(self, start: int, stop: int) -> Batch:
+        """Samples start..stop-1 as a batch of their own (views, no copies)."""
+        weights = None if self.weights is None else self.weights[start:stop]
+        return Batch(
+            self.latents[start:stop], self.noise[start:stop], self.timesteps[start:stop], self.prompts[start:stop], weights
+        )
+
 
 @dataclass
 class TrainResult:
-    """The learned identity, the loss per step, and why training stopped early ('' when it ran to the end)."""
+    """The learned identity, the loss per step, why training stopped early ('' when it ran to the end), skipped steps."""
 
     identity: Identity
     losses: list[float] = field(default_factory=list)
     stopped: str = ""
+    skipped: int = 0  # fp16 steps whose gradient overflowed: not applied, the loss scale halved, not counted as steps
+
+
+@dataclass
+class _Queued:
+    """A step handed to the device whose loss the host has not read yet."""
+
+    number: int  # which step it is (1-based)
+    before: dict[str, torch.Tensor]  # the rows before it: put back if it, or a step before it, must be undone
+    loss: torch.Tensor | float | None = None  # None while its forward/backward has not returned
+    applied: torch.Tensor | None = None  # device bool: the update went in (loss and gradient finite)
 
 
 ProgressFn = Callable[[int, int, float], None]
 OUT_OF_MEMORY = "out of memory"  # how TrainResult.stopped begins when a step ran out of GPU or CPU memory
+MAX_SKIPS_IN_A_ROW = 16  # fp16 overflows in a row (the loss scale down 2^16) before training gives up
+PROMPT_SEED_SALT = 0x5EED_F00D  # the prompt draws use seed ^ salt, so they are not the image draws' twins
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -131,7 +165,14 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 class Trainer:
-    """Holds the identity rows, their AdamW state, and the cached latents of the training images."""
+    """Holds the identity rows, their AdamW state, and the cached latents of the training images.
+
+    Precision: the rows and AdamW state are float32 whatever the model computes in; for a float16 model the loss is
+    scaled (core.precision). Speed: a step queues its work on the device without waiting; run() reads each step's loss
+    one step later, while the next one runs. Random draws come from a generator on the model's device, so a seed
+    gives the same draws on the same device type: CPU runs are exactly reproducible; on CUDA results agree to float
+    rounding (some CUDA backward kernels add in a varying order), and a CPU run and a CUDA run differ.
+    """
 
     def __init__(
         self,
@@ -156,8 +197,9 @@ class Trainer:
             start = {enc.key: init.rows_for(enc.key, enc.width) for enc in model.encoders}
         else:
             start = initial_rows(model, config.init, config.n_tokens, config.init_text)
-        device = model.denoiser.device
-        self.init_rows = {k: v.to(device) for k, v in start.items()}
+        self.device = device = model.denoiser.device
+        self.dtype = compute_dtype(model)  # what the UNet and text encoders compute in; the rows stay float32
+        self.init_rows = {k: v.to(device, torch.float32) for k, v in start.items()}
         self.rows = {k: torch.nn.Parameter(v.clone()) for k, v in self.init_rows.items()}
         self.optimizer = torch.optim.AdamW(
             list(self.rows.values()),
@@ -165,8 +207,11 @@ class Trainer:
             betas=self.config.adam_betas,
             eps=self.config.adam_eps,
             weight_decay=self.config.weight_decay,
+            **optimizer_options(device),
         )
-        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.scaler = LossScaler(device, self.dtype == torch.float16, self.config.fp16_loss_scale)
+        self.generator = torch.Generator(device=device).manual_seed(self.config.seed)
+        self.prompt_generator = random.Random(self.config.seed ^ PROMPT_SEED_SALT)
         if latents is None:
             latents = encode_latents(model.denoiser, images, self.config.flip_p > 0)
         self.latent_mean, self.latent_std = (part.to(device) for part in latents)
@@ -174,7 +219,11 @@ class Trainer:
         if self.latent_mean.shape[0] != expected:
             raise InputError(f"latents: got {self.latent_mean.shape[0]} for {images.shape[0]} images; encode them with encode_latents")
         self.latent_weights = None if masks is None else self._latent_weights(masks)
-        self.steps_done = 0
+        self.steps_done = 0  # steps run() has taken, the one in flight included
+        self.skipped_steps = 0  # fp16 overflows: steps not applied and not counted in steps_done
+        self.last_applied: torch.Tensor | None = None  # device bool left by step(): whether its update went in
+        self._skips_in_a_row = 0
+        self._latest_loss: float | None = None
 
     def _validate(self, images: torch.Tensor, init: Identity | None) -> None:
         """Check images, token name and vector count before any work is done."""
@@ -184,6 +233,10 @@ class Trainer:
         for name, value in (("steps", cfg.steps), ("batch size", cfg.batch_size), ("tokens", cfg.n_tokens)):
             if int(value) < 1:
                 raise InputError(f"{name}: got {value}; it must be at least 1")
+        if cfg.micro_batch_size is not None and int(cfg.micro_batch_size) < 0:
+            raise InputError(
+                f"micro batch size: got {cfg.micro_batch_size}; use 0 for the whole batch, or 1 to {cfg.batch_size}"
+            )
         if not cfg.learning_rate > 0 or not math.isfinite(cfg.learning_rate):
             raise InputError(f"learning rate: got {cfg.learning_rate}; it must be a positive number such as 0.005")
         for enc in self.model.encoders:
@@ -210,59 +263,96 @@ class Trainer:
         return small.to(self.latent_mean.device)
 
     def sample_batch(self) -> Batch:
-        """Draw images, flips, latent samples, noise, timesteps and templates from the run's seeded generator."""
-        cfg, gen = self.config, self.generator
+        """Draw images, flips, latent samples, noise and timesteps on the device, and templates on the host."""
+        cfg, gen, device = self.config, self.generator, self.device
         n_images = self.latent_mean.shape[0] // (2 if cfg.flip_p > 0 else 1)
-        index = torch.randint(0, n_images, (cfg.batch_size,), generator=gen)
+        index = torch.randint(0, n_images, (cfg.batch_size,), generator=gen, device=device)
         if cfg.flip_p > 0:
-            index = index + n_images * (torch.rand(cfg.batch_size, generator=gen) < cfg.flip_p).long()
-        mean, std = (
-            self.latent_mean[index.to(self.latent_mean.device)],
-            self.latent_std[index.to(self.latent_std.device)],
-        )
-        sample = torch.randn(mean.shape, generator=gen).to(mean.device)
-        noise = torch.randn(mean.shape, generator=gen).to(mean.device)
-        timesteps = torch.randint(0, self.model.denoiser.num_train_timesteps, (cfg.batch_size,), generator=gen)
-        choice = torch.randint(0, len(self.prompts), (cfg.batch_size,), generator=gen).tolist()
-        weights = None if self.latent_weights is None else self.latent_weights[index.to(self.latent_weights.device)]
-        prompts = [self.prompts[i] for i in choice]
-        return Batch(mean + std * sample, noise, timesteps.to(mean.device), prompts, weights)
+            index = index + n_images * (torch.rand(cfg.batch_size, generator=gen, device=device) < cfg.flip_p).long()
+        mean, std = self.latent_mean[index], self.latent_std[index]
+        sample = torch.randn(mean.shape, generator=gen, device=device, dtype=mean.dtype)
+        noise = torch.randn(mean.shape, generator=gen, device=device, dtype=mean.dtype)
+        timesteps = torch.randint(0, self.model.denoiser.num_train_timesteps, (cfg.batch_size,), generator=gen, device=device)
+        weights = None if self.latent_weights is None else self.latent_weights[index]
+        # Prompts are strings, so they are drawn on the host, from a generator of their own: nothing is read back.
+        prompts = [self.prompts[self.prompt_generator.randrange(len(self.prompts))] for _ in range(cfg.batch_size)]
+        return Batch(mean + std * sample, noise, timesteps, prompts, weights)
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        """Diffusion MSE (mask-weighted when masks were given) plus the Cross-Init regulariser mean_i ||v_i - v_init,i + 1e-6||."""
+    def _squared_error_sum(self, batch: Batch, cond: Conditioning) -> torch.Tensor:
+        """Sum over the batch of the float32 squared error against the target, weighted by the masks if any."""
         den = self.model.denoiser
-        cond = condition(self.model, batch.prompts, self.rows)
         noisy = den.add_noise(batch.latents, batch.noise, batch.timesteps)
-        pred = den.predict(noisy, batch.timesteps, cond)
-        error = (pred - den.target(batch.latents, batch.noise, batch.timesteps)) ** 2
+        pred = den.predict(noisy, batch.timesteps, cond).float()  # the loss is float32 whatever the model computes in
+        error = (pred - den.target(batch.latents, batch.noise, batch.timesteps).float()) ** 2
+        return error.sum() if batch.weights is None else (error * batch.weights).sum()
+
+    @staticmethod
+    def _error_weight(batch: Batch) -> torch.Tensor | float:
+        """What the error sum of the whole batch is divided by: its element count, or the total mask weight.
+
+        Micro-batches divide by the whole batch's value, so that their losses add up to the batch's mean.
+        """
         if batch.weights is None:
-            loss = error.mean()
-        else:  # a weighted mean: the masked region counts, the rest does not
-            weights = batch.weights.expand_as(error)
-            loss = (error * weights).sum() / weights.sum().clamp_min(1e-8)
+            return float(batch.latents.numel())
+        return (batch.weights.sum() * batch.latents.shape[1]).clamp_min(1e-8)  # weights broadcast over the channels
+
+    def _regulariser(self) -> torch.Tensor:
+        """Cross-Init's reg_weight * mean_i ||v_i - v_init,i + 1e-6|| summed over encoders (zero when reg_weight is 0)."""
+        total = torch.zeros((), device=self.device)
         if self.config.reg_weight > 0:
             for key, rows in self.rows.items():
-                loss = loss + self.config.reg_weight * F.pairwise_distance(rows, self.init_rows[key], p=2).mean()
+                total = total + self.config.reg_weight * F.pairwise_distance(rows, self.init_rows[key], p=2).mean()
+        return total
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Diffusion MSE (mask-weighted when masks were given) plus the Cross-Init regulariser, in one pass."""
+        cond = condition(self.model, batch.prompts, self.rows)
+        return self._squared_error_sum(batch, cond) / self._error_weight(batch) + self._regulariser()
+
+    def _backward(self, batch: Batch) -> torch.Tensor:
+        """Forward and backward of one step, micro-batch by micro-batch, gradients scaled; the loss, on the device.
+
+        The text encoders run once for the step's distinct prompts. Each micro-batch's UNet backward stops at a
+        float32 copy of their output; the gradient gathered there then goes back through the encoders in one pass.
+        Gradients are linear in the loss, so the rows get exactly the whole batch's gradient.
+        """
+        distinct, inverse = distinct_prompts(batch.prompts)
+        encoded = encode_distinct(self.model, distinct, self.rows)
+        held = Conditioning(_float_leaf(encoded.context), None if encoded.pooled is None else _float_leaf(encoded.pooled))
+        weight = self._error_weight(batch)
+        total = self._regulariser()  # once per step, not once per micro-batch
+        if total.requires_grad:
+            self.scaler.scale(total).backward()
+        size = self.config.micro_batch
+        for start in range(0, len(batch.prompts), size):
+            micro = batch.part(start, start + size)
+            part = self._squared_error_sum(micro, held.select(inverse[start : start + size])) / weight
+            self.scaler.scale(part).backward()
+            total = total + part.detach()
+        outputs = [(out, leaf.grad) for out, leaf in ((encoded.context, held.context), (encoded.pooled, held.pooled))
+                   if out is not None and out.requires_grad and leaf.grad is not None]
+        if outputs:
+            torch.autograd.backward([out for out, _ in outputs], [grad.to(out.dtype) for out, grad in outputs])
+        return total.detach()
+
+    def step(self, batch: Batch) -> torch.Tensor:
+        """Queue one optimiser step on the device and return its loss, a device scalar, without waiting for it.
+
+        The rows and AdamW state stay as they were when the loss or a gradient is not finite (for a float16 model
+        the loss scale is then halved); last_applied holds, as a device bool, whether the update went in.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._backward(batch)
+        finite = self.scaler.unscale_(list(self.rows.values())) & torch.isfinite(loss)
+        self.last_applied = guarded_step(self.optimizer, finite)
+        self.scaler.update(self.last_applied)
         return loss
 
-    def step(self, batch: Batch) -> float:
-        """One optimiser step on a batch; returns the loss, and leaves the rows untouched if it is not finite."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(batch)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            return value
-        loss.backward()
-        self.optimizer.step()
-        self.steps_done += 1
-        return value
-
-    def _restore(self, snapshot: dict[str, torch.Tensor], step: int) -> None:
-        """Put back rows saved before a step that did not finish cleanly."""
+    def _restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Put back rows saved before a step that has to be undone."""
         with torch.no_grad():
             for key, value in snapshot.items():
                 self.rows[key].copy_(value)
-        self.steps_done = step
 
     def _free_after_out_of_memory(self) -> None:
         """Drop the failed step's gradients and cached blocks so the rows so far can still be saved."""
@@ -288,44 +378,113 @@ class Trainer:
             "resolution": cfg.resolution,
             "reg_weight": cfg.reg_weight,
             "token": cfg.token,
+            "compute_dtype": str(self.dtype).removeprefix("torch."),
+            "skipped_steps": self.skipped_steps,
             "partial": str(partial).lower(),
             "created_by": f"identity-tokens {__version__}",
         }
         return Identity({k: v.detach() for k, v in self.rows.items()}, {**meta, **extra})
 
+    def _undo(self, queue: list[_Queued]) -> None:
+        """Drop every queued step: the rows go back to before the oldest, and none of them counts."""
+        self._restore(queue[0].before)
+        self.steps_done = queue[0].number - 1
+        queue.clear()
+
+    def _settle(self, queue: list[_Queued], losses: list[float], keep: int) -> str:
+        """Read queued steps' losses, oldest first, until keep remain; '' or why training must stop (steps undone)."""
+        while len(queue) > keep:
+            record = queue[0]
+            if record.loss is None:  # its forward/backward never returned (Ctrl-C, out of memory): half done at best
+                self._undo(queue)
+                return ""
+            loss, applied = _read(record)  # waits for this step only; the next one is already queued
+            if not math.isfinite(loss):
+                self._undo(queue)
+                return f"loss became {loss} at step {record.number}"
+            if not applied and not self.scaler.enabled:
+                self._undo(queue)
+                return f"gradient became non-finite at step {record.number}"
+            self._latest_loss = loss
+            queue.pop(0)
+            if applied:
+                self._skips_in_a_row = 0
+                losses.append(loss)
+                continue
+            # An fp16 overflow: the device skipped the update and halved the loss scale; the step is taken again.
+            self.steps_done -= 1
+            self.skipped_steps += 1
+            self._skips_in_a_row += 1
+            for later in queue:
+                later.number -= 1
+            if self._skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                if queue:
+                    self._undo(queue)
+                return (
+                    f"float16 overflow: {MAX_SKIPS_IN_A_ROW} steps in a row skipped at step {record.number}; the "
+                    "model overflows in float16 at any loss scale, load it in bfloat16 or float32"
+                )
+        return ""
+
     def run(self, on_step: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
-        """Train for config.steps; Ctrl-C, a cancel, or a non-finite loss end it early with the last good rows."""
+        """Train for config.steps; Ctrl-C, a cancel, a non-finite loss or running out of memory end it early.
+
+        The host waits once per step, for the previous step's loss, while the device runs the current one; so
+        on_step(step, total, loss) comes right after a step is queued, with the latest loss known (the previous
+        step's; the first step's own). Stopping keeps every finished step whose loss is finite; a step cut off
+        halfway, or one after a non-finite loss, is undone.
+        """
         losses: list[float] = []
         stopped = ""
-        snapshot: dict[str, torch.Tensor] = {}
-        snapshot_step = self.steps_done
-        try:
-            while self.steps_done < self.config.steps:
-                if should_stop is not None and should_stop():
-                    stopped = "cancelled"
-                    break
-                snapshot = {k: v.detach().clone() for k, v in self.rows.items()}
-                snapshot_step = self.steps_done
-                value = self.step(self.sample_batch())
-                if not math.isfinite(value) or not all(bool(v.isfinite().all()) for v in self.rows.values()):
-                    self._restore(snapshot, snapshot_step)
-                    stopped = f"loss became {value} at step {snapshot_step + 1}"
-                    break
-                losses.append(value)
-                if on_step is not None:
-                    on_step(self.steps_done, self.config.steps, value)
-        except KeyboardInterrupt:
-            if snapshot and self.steps_done == snapshot_step:  # interrupted inside a step: its update may be half done
-                self._restore(snapshot, snapshot_step)
-            stopped = "interrupted"
-        except (torch.OutOfMemoryError, RuntimeError) as error:
-            if not is_out_of_memory(error):
-                raise
-            self._free_after_out_of_memory()
-            if snapshot:
-                self._restore(snapshot, snapshot_step)
-            stopped = (
-                f"{OUT_OF_MEMORY} at step {self.steps_done + 1} (batch size {self.config.batch_size}, "
-                f"{self.config.resolution} px)"
-            )
-        return TrainResult(self.identity(partial=bool(stopped), stopped=stopped), losses, stopped)
+        queue: list[_Queued] = []
+        with fast_float32_matmuls(self.device):
+            try:
+                while not stopped:
+                    if self.steps_done >= self.config.steps:
+                        if not queue:
+                            break
+                        stopped = self._settle(queue, losses, keep=0)  # a skipped last step makes room for one more
+                        continue
+                    if should_stop is not None and should_stop():
+                        stopped = "cancelled"
+                        break
+                    queue.append(_Queued(self.steps_done + 1, {k: v.detach().clone() for k, v in self.rows.items()}))
+                    self.last_applied = None
+                    queue[-1].loss = self.step(self.sample_batch())
+                    queue[-1].applied = self.last_applied
+                    self.steps_done += 1
+                    stopped = self._settle(queue, losses, keep=0 if self._latest_loss is None else 1)
+                    if not stopped and on_step is not None and self._latest_loss is not None:
+                        on_step(self.steps_done, self.config.steps, self._latest_loss)
+            except KeyboardInterrupt:
+                stopped = "interrupted"
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                self._free_after_out_of_memory()
+                micro = f", micro-batch {self.config.micro_batch}" if self.config.micro_batch < self.config.batch_size else ""
+                stopped = (
+                    f"{OUT_OF_MEMORY} at step {self.steps_done + 1} (batch size {self.config.batch_size}{micro}, "
+                    f"{self.config.resolution} px)"
+                )
+            if queue:  # stopped early: keep the steps that finished cleanly
+                late = self._settle(queue, losses, keep=0)
+                stopped = stopped or late
+        identity = self.identity(partial=bool(stopped), stopped=stopped)
+        return TrainResult(identity, losses, stopped, self.skipped_steps)
+
+
+def _float_leaf(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of tensor that gathers the gradient of what is computed from it."""
+    return tensor.detach().float().requires_grad_(tensor.requires_grad)
+
+
+def _read(record: _Queued) -> tuple[float, bool]:
+    """A queued step's loss and whether its update went in, read back in one transfer."""
+    if not torch.is_tensor(record.loss):  # a plain number (a stand-in step in tests)
+        return float(record.loss), math.isfinite(float(record.loss))
+    if record.applied is None:
+        loss = float(record.loss)
+        return loss, math.isfinite(loss)
+    loss, applied = torch.stack([record.loss.float(), record.applied.float()]).tolist()
+    return loss, bool(applied)

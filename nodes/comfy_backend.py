@@ -310,6 +310,12 @@ class ComfyDenoiser:
         """The device ComfyUI runs this model on."""
         return torch.device(self.patcher.load_device)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What apply_model computes in: ComfyUI's manual-cast dtype where it casts stored weights, else theirs."""
+        cast = getattr(self.model, "manual_cast_dtype", None)
+        return cast if isinstance(cast, torch.dtype) else self.model.get_dtype()
+
     def _schedule(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sigmas, alpha-bar, the sampler-style descending sigmas ending in 0) on device, copied there once."""
         if device not in self._tables:

@@ -142,13 +142,13 @@ def test_tiny_sd2_and_sdxl_single_files_equal_their_components(tiny_files: dict,
     _assert_same_outputs(loaded, model_from_components(family, parts))
 
 
-def test_dtype_applies_to_unet_and_vae_only(tiny_files: dict, no_network: None) -> None:
-    """UNet and VAE take the requested dtype; text encoders stay float32."""
+def test_dtype_applies_to_every_module(tiny_files: dict, no_network: None) -> None:
+    """UNet, VAE and text encoders compute in the requested dtype (the identity rows stay float32 in the trainer)."""
     path, config_dir, _ = tiny_files["sd1"]
     loaded = load_single_file(path, CPU, torch.bfloat16, config_dir=config_dir)
     assert next(loaded.denoiser.unet.parameters()).dtype == torch.bfloat16
     assert next(loaded.denoiser.vae.parameters()).dtype == torch.bfloat16
-    assert loaded.encoders[0].token_table().dtype == torch.float32
+    assert loaded.encoders[0].token_table().dtype == torch.bfloat16
 
 
 def test_weights_only_ckpt_loads(tiny_files: dict, tmp_path: Path, no_network: None) -> None:

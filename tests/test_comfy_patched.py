@@ -444,3 +444,24 @@ def test_partial_load_is_kept_and_trains_to_the_same_gradient(fresh_comfy_tiny: 
     for key, rows in reference.rows.items():
         torch.testing.assert_close(trainer.rows[key].grad, rows.grad, rtol=1e-4,
                                    atol=1e-4 * float(rows.grad.abs().max()))
+
+
+def test_float16_model_turns_on_loss_scaling(fresh_comfy_tiny: TinyFactory) -> None:
+    """The ComfyUI denoiser says what apply_model computes in, so an fp16 MODEL gets the trainer's loss scaling."""
+    tiny = fresh_comfy_tiny("sd1")
+    base = tiny.patcher.model
+    assert comfy_model(tiny.patcher, tiny.clip, tiny.vae).denoiser.dtype == torch.float32
+    base.diffusion_model.to(torch.float16)
+    base.diffusion_model.dtype = torch.float16  # what ComfyUI sets when it loads a UNet in fp16
+    try:
+        core = comfy_model(tiny.patcher, tiny.clip, tiny.vae)
+        assert core.denoiser.dtype == torch.float16
+        config, images, _batch, init = _setup(tiny)
+        trainer = Trainer(core, images, config, init=init)
+        assert trainer.scaler.enabled and trainer.dtype == torch.float16
+        base.manual_cast_dtype = torch.bfloat16  # stored fp16, computed in bf16 (ComfyUI's manual cast)
+        assert comfy_model(tiny.patcher, tiny.clip, tiny.vae).denoiser.dtype == torch.bfloat16
+    finally:
+        base.manual_cast_dtype = None
+        base.diffusion_model.to(torch.float32)
+        base.diffusion_model.dtype = torch.float32

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 
@@ -14,6 +13,18 @@ from ..protocols import Conditioning, EncodedText
 # Conditioning layer per family (METHODS.md 0.2): the last layer after final LayerNorm, or the raw penultimate one.
 LAYER_FINAL_LN = "final_ln"
 LAYER_PENULTIMATE = "penultimate"
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a text encoder's forward once the hidden state it needs has been seen."""
+
+
+def _encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer layers of a transformers CLIP text model, with or without projection, in any layout."""
+    inner = model
+    while hasattr(inner, "text_model"):
+        inner = inner.text_model
+    return inner.encoder.layers
 
 
 class DiffusersTextEncoder:
@@ -27,6 +38,11 @@ class DiffusersTextEncoder:
         self.projected_pooled = projected_pooled
         self.width = int(model.get_input_embeddings().weight.shape[1])
         self.prompts = PromptCache(self)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the encoder computes in."""
+        return self.token_table().dtype
 
     def token_ids(self, text: str) -> list[int]:
         """BPE ids of text, without BOS/EOS."""
@@ -45,31 +61,49 @@ class DiffusersTextEncoder:
         tok = self.tokenizer
         return int(tok.bos_token_id), int(tok.eos_token_id), int(tok.pad_token_id)
 
-    @contextmanager
-    def _spliced(self, mask: torch.Tensor, rows: torch.Tensor) -> Iterator[None]:
-        """Within the block, token-embedding outputs at mask positions are the identity rows."""
+    def _splice(self, slots: torch.Tensor, rows: torch.Tensor) -> torch.utils.hooks.RemovableHandle:
+        """A hook making the token-embedding output at each slot (index >= 0) the identity row of that index."""
 
         def replace(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
-            source = rows.to(output.dtype).repeat(output.shape[0], 1)
-            return output.masked_scatter(mask.unsqueeze(-1), source)
+            # Every position gathers a row (index -1 reads row 0, which torch.where then drops): one gather and
+            # one select, no mask count read back. The cast to the compute dtype is differentiable, so the gradient
+            # reaches the float32 rows.
+            source = rows.to(output.dtype)[slots.clamp_min(0)]
+            return torch.where((slots >= 0).unsqueeze(-1), source, output)
 
-        handle = self.model.get_input_embeddings().register_forward_hook(replace)
-        try:
-            yield
-        finally:
-            handle.remove()
+        return self.model.get_input_embeddings().register_forward_hook(replace)
+
+    def _penultimate(self, captured: list[torch.Tensor], stop: bool) -> torch.utils.hooks.RemovableHandle:
+        """A hook keeping the last layer's input (the penultimate hidden state); with stop, the forward ends there."""
+
+        def grab(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            if stop:
+                raise _Stop
+
+        return _encoder_layers(self.model)[-1].register_forward_pre_hook(grab, with_kwargs=True)
 
     def encode(self, prompts: Sequence[str], rows: torch.Tensor | None) -> EncodedText:
         """Encode prompts with rows spliced at SLOT, at the family's conditioning layer."""
+        prompts = list(prompts)
         n_rows = 0 if rows is None else int(rows.shape[0])
-        device = self.model.get_input_embeddings().weight.device
-        input_ids, mask = self.prompts.batch(list(prompts), n_rows, device)
-        if rows is None or not bool(mask.any()):
-            out = self.model(input_ids, output_hidden_states=True)
-        else:
-            with self._spliced(mask, rows.to(device)):
-                out = self.model(input_ids, output_hidden_states=True)
-        hidden = out.last_hidden_state if self.layer == LAYER_FINAL_LN else out.hidden_states[-2]
+        device = self.token_table().device
+        input_ids, slots = self.prompts.spliced(prompts, n_rows, device)
+        handles = []
+        if rows is not None and self.prompts.has_rows(prompts, n_rows):
+            handles.append(self._splice(slots, rows.to(device)))
+        captured: list[torch.Tensor] = []
+        if self.layer == LAYER_PENULTIMATE:  # only clip_g's pooled output needs the last layer and the final LayerNorm
+            handles.append(self._penultimate(captured, stop=not self.projected_pooled))
+        out = None
+        try:
+            out = self.model(input_ids)
+        except _Stop:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        hidden = captured[0] if self.layer == LAYER_PENULTIMATE else out.last_hidden_state
         pooled = out.text_embeds if self.projected_pooled else None
         return EncodedText(hidden=hidden, pooled=pooled)
 
@@ -86,11 +120,18 @@ class DiffusersDenoiser:
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._schedule: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._time_ids: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
         """Where the UNet lives."""
         return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the UNet computes in."""
+        return next(self.unet.parameters()).dtype
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,26 +140,44 @@ class DiffusersDenoiser:
         dist = self.vae.encode(pixels.to(vae_param.device, vae_param.dtype)).latent_dist
         return (dist.mean.float() * self.scaling_factor, dist.std.float() * self.scaling_factor)
 
+    def _coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(abar_t) and sqrt(1 - abar_t), shaped to broadcast over like; the float32 tables go to a device once."""
+        if like.device not in self._schedule:
+            abar = self.scheduler.alphas_cumprod.to(torch.float32)
+            self._schedule[like.device] = (abar.sqrt().to(like.device), (1 - abar).sqrt().to(like.device))
+        signal, noise = self._schedule[like.device]
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        at = timesteps.to(like.device)
+        return signal[at].view(shape), noise[at].view(shape)
+
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t under the model's schedule."""
-        return self.scheduler.add_noise(latents, noise, timesteps)
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, as diffusers' DDPMScheduler.add_noise."""
+        signal, sigma = self._coefficients(timesteps, latents)
+        return signal * latents + sigma * noise
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Noise for epsilon models, velocity for v-prediction models."""
+        """Noise for epsilon models; velocity sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 for v-prediction models."""
         if self.prediction_type == "epsilon":
             return noise
         if self.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(latents, noise, timesteps)
+            signal, sigma = self._coefficients(timesteps, latents)
+            return signal * noise - sigma * latents
         raise InputError(f"model: prediction type '{self.prediction_type}' is not supported; use an epsilon or v model")
 
+    def _size_ids(self, noisy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """SDXL's (original size, crop, target size) ids for uncropped images at this latent size, made once."""
+        height, width = (int(s) * self.vae_scale for s in noisy.shape[-2:])
+        key = (height, width, noisy.device, dtype)
+        if key not in self._time_ids:
+            self._time_ids[key] = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype).to(noisy.device)
+        return self._time_ids[key].expand(noisy.shape[0], -1)
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The UNet's prediction; SDXL also gets the pooled vector and size conditioning."""
-        dtype = next(self.unet.parameters()).dtype
+        """The UNet's prediction in float32; SDXL also gets the pooled vector and size conditioning."""
+        dtype = self.dtype
         extra = None
         if self.family == "sdxl":
-            height, width = (int(s) * self.vae_scale for s in noisy.shape[-2:])
-            time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=noisy.device, dtype=dtype)
-            extra = {"text_embeds": cond.pooled.to(dtype), "time_ids": time_ids.repeat(noisy.shape[0], 1)}
+            extra = {"text_embeds": cond.pooled.to(dtype), "time_ids": self._size_ids(noisy, dtype)}
         out = self.unet(
             noisy.to(dtype), timesteps, encoder_hidden_states=cond.context.to(dtype), added_cond_kwargs=extra
         )
@@ -126,12 +185,12 @@ class DiffusersDenoiser:
 
 
 def place_components(parts: dict[str, object], device: torch.device, dtype: torch.dtype) -> dict[str, object]:
-    """Freeze every module; UNet/VAE go to dtype on device, text encoders stay float32 (and SDXL's VAE in fp16)."""
+    """Freeze every module and put it in dtype on device, text encoders too; SDXL's VAE stays float32 under fp16."""
     for name, part in parts.items():
         if not isinstance(part, torch.nn.Module):
             continue
         part.eval().requires_grad_(False)
-        target = dtype if name in ("unet", "vae") else torch.float32
+        target = dtype
         if name == "vae" and dtype == torch.float16 and getattr(part.config, "force_upcast", False):
             target = torch.float32  # the SDXL VAE overflows in float16
         if next(part.parameters()).dtype != target:
