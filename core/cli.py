@@ -1,4 +1,4 @@
-"""Command line: `python -m core train` makes an identity file from photos; `python -m core inspect` describes one."""
+"""Command line: `train` makes an identity file from photos, `inspect` describes one, `score` measures likeness."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from PIL import Image
 
 from .errors import InputError
 from .identity import Identity
+from .memory import MEMORY_MODES
 from .models import PREDICTION_TYPES
+from .score import add_score_parser, run_score
 from .trainer import OUT_OF_MEMORY, PRESETS, TrainResult
 
 EXIT_INPUT, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
@@ -72,6 +74,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="images per forward/backward pass, to fit a small GPU; the step is the same (default: the whole batch)",
     )
+    p.add_argument(
+        "--memory",
+        choices=MEMORY_MODES,
+        default="auto",
+        help="auto: on a GPU, estimate the peak and add gradient checkpointing, then micro-batches, only if needed; "
+        "default: neither; checkpointing: always (slower, far less memory); low: checkpointing + micro-batch 1",
+    )
     p.add_argument("--lr", type=float, dest="learning_rate", help="learning rate (preset default)")
     p.add_argument("--scale-lr", action="store_true", default=None, help="multiply the learning rate by the batch size")
     p.add_argument("--tokens", type=int, dest="n_tokens", help="vectors in the identity (preset default)")
@@ -93,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Identity Tokens: train and inspect identities")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    add_score_parser(sub)
     p = sub.add_parser("inspect", help="describe an identity file")
     p.add_argument("file", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -264,6 +274,7 @@ def run_train(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size,
+        memory=args.memory,
         learning_rate=args.learning_rate,
         scale_lr=args.scale_lr,
         n_tokens=args.n_tokens,
@@ -364,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_notes()
     try:
-        return run_train(args) if args.command == "train" else run_inspect(args)
+        return {"train": run_train, "inspect": run_inspect, "score": run_score}[args.command](args)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_INPUT

@@ -393,3 +393,30 @@ def free_memory_bytes(device: torch.device, resident: Iterable[torch.nn.Module] 
             return None
         return int(psutil.virtual_memory().available + here)
     return None
+
+
+MEMORY_MODES = ("auto", "default", "checkpointing", "low")  # low: checkpointing + micro-batch 1
+
+
+def select_memory_plan(
+    mode: str, batch: int, micro_batch: int | None, estimate_fn: ESTIMATE | None, free_bytes: int | None
+) -> MemoryPlan:
+    """The plan for a memory mode; auto estimates (when it can) and picks the cheapest that fits free memory.
+
+    A micro_batch the user chose is kept: auto then only adds checkpointing when that does not fit. Without an
+    estimate (no CUDA device, or a test model that is not a real architecture) auto is the default mode.
+    """
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"memory: unknown mode '{mode}'; choose one of {', '.join(MEMORY_MODES)}")
+    chosen = min(batch, micro_batch or batch)
+    peak = estimate_fn if estimate_fn is not None else (lambda _checkpointing, _micro: 0)
+    if mode == "default" or (mode == "auto" and (estimate_fn is None or free_bytes is None)):
+        return fixed_plan(peak, free_bytes if estimate_fn else None, batch, False, chosen)
+    if mode == "checkpointing":
+        return fixed_plan(peak, free_bytes if estimate_fn else None, batch, True, chosen)
+    if mode == "low":
+        return fixed_plan(peak, free_bytes if estimate_fn else None, batch, True, 1)
+    if micro_batch:
+        plain = fixed_plan(peak, free_bytes, batch, False, chosen)
+        return plain if plain.fits else fixed_plan(peak, free_bytes, batch, True, chosen)
+    return choose_memory_mode(peak, free_bytes, batch)

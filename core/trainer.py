@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -14,6 +16,7 @@ from . import __version__
 from .cross_init import initial_rows
 from .errors import InputError
 from .identity import Identity
+from .memory import MEMORY_MODES, MemoryPlan, free_memory_bytes, select_memory_plan, training_estimator
 from .precision import LossScaler, compute_dtype, fast_float32_matmuls, guarded_step, optimizer_options
 from .protocols import MAX_TOKENS, SLOT, Conditioning, Denoiser, Model, condition, distinct_prompts, encode_distinct
 from .templates import training_prompts
@@ -46,6 +49,10 @@ class TrainConfig:
     # float16 models only: the dynamic loss scale to start from (halved on overflow, doubled after 100 good steps);
     # 0 turns scaling off, which loses most of the gradient to float16 underflow. bfloat16 and float32 need none.
     fp16_loss_scale: float = 2.0**16
+    # auto: on CUDA, estimate the peak (core.memory) and add gradient checkpointing, then micro-batches, only when the
+    # default does not fit free memory; default: neither; checkpointing: always (about 30% slower, a fraction of the
+    # activations); low: checkpointing + micro-batch 1 (the least memory, the slowest). The step is the same in all.
+    memory: str = "auto"
 
     @property
     def effective_lr(self) -> float:
@@ -151,6 +158,7 @@ class _Queued:
 
 
 ProgressFn = Callable[[int, int, float], None]
+log = logging.getLogger(__name__)
 OUT_OF_MEMORY = "out of memory"  # how TrainResult.stopped begins when a step ran out of GPU or CPU memory
 MAX_SKIPS_IN_A_ROW = 16  # fp16 overflows in a row (the loss scale down 2^16) before training gives up
 PROMPT_SEED_SALT = 0x5EED_F00D  # the prompt draws use seed ^ salt, so they are not the image draws' twins
@@ -233,6 +241,8 @@ class Trainer:
         for name, value in (("steps", cfg.steps), ("batch size", cfg.batch_size), ("tokens", cfg.n_tokens)):
             if int(value) < 1:
                 raise InputError(f"{name}: got {value}; it must be at least 1")
+        if cfg.memory not in MEMORY_MODES:
+            raise InputError(f"memory: unknown mode '{cfg.memory}'; choose one of {', '.join(MEMORY_MODES)}")
         if cfg.micro_batch_size is not None and int(cfg.micro_batch_size) < 0:
             raise InputError(
                 f"micro batch size: got {cfg.micro_batch_size}; use 0 for the whole batch, or 1 to {cfg.batch_size}"
@@ -253,6 +263,22 @@ class Trainer:
                 f"tokens: {n_tokens} vectors do not fit; CLIP takes 75 prompt tokens and the longest training prompt "
                 f"uses {longest}, leaving room for {room}; use at most {room}"
             )
+
+    def plan_memory(self) -> MemoryPlan:
+        """Checkpointing and micro-batch for this run (config.memory), with the estimate logged when there is one."""
+        cfg, den = self.config, self.model.denoiser
+        estimate = free = None
+        if self.device.type == "cuda" and not self.model.name.startswith("tiny"):  # tiny models are not real sizes
+            estimate = training_estimator(
+                self.model.family, cfg.resolution, cfg.batch_size, self.dtype, n_rows=cfg.n_tokens
+            )
+            free = free_memory_bytes(self.device, getattr(den, "memory_modules", list)())
+        plan = select_memory_plan(cfg.memory, cfg.batch_size, cfg.micro_batch_size, estimate, free)
+        if estimate is not None:
+            log.info("memory: %s (%s mode)", plan.describe(), cfg.memory)
+        if not plan.fits and cfg.memory == "auto":
+            log.warning("memory: the lowest mode may not fit; lower resolution or batch size if training runs out")
+        return plan
 
     def _latent_weights(self, masks: torch.Tensor) -> torch.Tensor:
         """Masks averaged down to latent size, laid out like the cached latents (originals, then mirrors)."""
@@ -379,6 +405,7 @@ class Trainer:
             "reg_weight": cfg.reg_weight,
             "token": cfg.token,
             "compute_dtype": str(self.dtype).removeprefix("torch."),
+            "memory_mode": getattr(getattr(self, "memory_plan", None), "mode", cfg.memory),
             "skipped_steps": self.skipped_steps,
             "partial": str(partial).lower(),
             "created_by": f"identity-tokens {__version__}",
@@ -437,7 +464,12 @@ class Trainer:
         losses: list[float] = []
         stopped = ""
         queue: list[_Queued] = []
-        with fast_float32_matmuls(self.device):
+        self.memory_plan = self.plan_memory()
+        self.config = replace(self.config, micro_batch_size=self.memory_plan.micro_batch)
+        checkpointing = getattr(self.model.denoiser, "checkpointing", None)
+        if self.memory_plan.checkpointing and checkpointing is None:
+            raise InputError("memory: this model's backend cannot checkpoint its UNet; use memory 'default'")
+        with fast_float32_matmuls(self.device), (checkpointing() if self.memory_plan.checkpointing else nullcontext()):
             try:
                 while not stopped:
                     if self.steps_done >= self.config.steps:

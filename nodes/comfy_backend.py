@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ..core.checkpointing import comfy_unet_blocks, gradient_checkpointing
 from ..core.errors import InputError
 from ..core.prompts import PromptCache, in_vocabulary
 from ..core.protocols import Conditioning, EncodedText, Model
@@ -309,6 +310,14 @@ class ComfyDenoiser:
     def device(self) -> torch.device:
         """The device ComfyUI runs this model on."""
         return torch.device(self.patcher.load_device)
+
+    def checkpointing(self) -> contextlib.AbstractContextManager[None]:
+        """While active, the UNet's layers recompute activations in backward (safe on cores with in-place residuals)."""
+        return gradient_checkpointing(comfy_unet_blocks(self.model.diffusion_model), inplace_safe=_residuals_in_place())
+
+    def memory_modules(self) -> list[torch.nn.Module]:
+        """The modules whose weights the run keeps on the device (for the free-memory count)."""
+        return [self.model.diffusion_model]
 
     @property
     def dtype(self) -> torch.dtype:

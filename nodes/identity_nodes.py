@@ -15,6 +15,7 @@ from ..core.errors import InputError
 from ..core.formats import load_identity, save_identity
 from ..core.identity import Identity
 from ..core.images import fit_photos
+from ..core.memory import MEMORY_MODES
 from ..core.models import native_resolution
 from ..core.plot import loss_curve_png
 from ..core.trainer import OUT_OF_MEMORY, Trainer, preset_config
@@ -170,13 +171,20 @@ class TrainIdentityToken:
                     "or one per photo in order, each the size of its photo (it is cropped with it)."
                 )}),
                 "init": (IDENTITY, {"tooltip": "Optional: start from this identity (e.g. from Cross-Init Embed) instead of the preset's."}),
+                "memory": (list(MEMORY_MODES), {"default": "auto", "tooltip": (
+                    "auto: estimate the peak on the GPU and turn on gradient checkpointing, then micro-batches, only "
+                    "when needed (logged in the console). default: neither. checkpointing: always (about a third "
+                    "slower, a fraction of the memory). low: checkpointing + one image per pass, the least memory. "
+                    "The training step is the same in every mode."
+                )}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def train(self, model: list, clip: list, vae: list, images: list, preset: list, steps: list,
               learning_rate: list, batch_size: list, reg_weight: list, seed: list, resolution: list,
-              mask: list | None = None, init: list | None = None, unique_id: list | None = None) -> tuple:
+              mask: list | None = None, init: list | None = None, memory: list | None = None,
+              unique_id: list | None = None) -> tuple:
         """Run the core trainer on the graph's models; a Cancel raises ComfyUI's interrupt and returns nothing."""
         import comfy.model_management as mm
 
@@ -191,7 +199,7 @@ class TrainIdentityToken:
         config = preset_config(
             PRESETS[name], steps=int(_first(steps)) or None, learning_rate=float(_first(learning_rate)) or None,
             batch_size=int(_first(batch_size)) or None, reg_weight=None if reg < 0 else reg,
-            seed=int(_first(seed)), resolution=size,
+            seed=int(_first(seed)), resolution=size, memory=_first(memory) if memory else None,
         )
         start = _normal(_first(init)) if init and _first(init) is not None else None
         progress = _Progress(config.steps, _first(unique_id))

@@ -468,3 +468,19 @@ def test_train_out_of_memory_names_the_setting(comfy_tiny: TinyFactory, embeddin
     monkeypatch.setattr(Trainer, "step", no_memory)
     with pytest.raises(InputError, match=r"^batch_size: training stopped, out of memory at step 1 .*lower batch_size"):
         _train(comfy_tiny("sd1"), [_photos()], steps=2, batch_size=2)
+
+
+@pytest.mark.parametrize("memory", ["checkpointing", "low"])
+def test_train_memory_modes_give_the_same_identity(fresh_comfy_tiny: TinyFactory, embeddings: Path,
+                                                    trainer_spy: list[Trainer], memory: str) -> None:
+    """Through the node, gradient checkpointing of ComfyUI's UNet (and micro-batch 1) trains to the default's rows."""
+    tiny = fresh_comfy_tiny("sd1")
+    layers = list(tiny.patcher.model.diffusion_model.modules())
+    forwards = [layer.forward for layer in layers]
+    (expected, _curve) = _train(tiny, [_photos(2)], batch_size=2, memory="default")
+    (identity, _curve) = _train(tiny, [_photos(2)], batch_size=2, memory=memory)
+    plan = trainer_spy[-1].memory_plan
+    assert plan.checkpointing and plan.micro_batch == (1 if memory == "low" else 2)
+    for key, rows in expected.rows.items():
+        torch.testing.assert_close(identity.rows[key], rows, rtol=1e-4, atol=1e-5)
+    assert [layer.forward for layer in layers] == forwards  # the MODEL is left as it was for later nodes

