@@ -81,6 +81,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="auto: on a GPU, estimate the peak and add gradient checkpointing, then micro-batches, only if needed; "
         "default: neither; checkpointing: always (slower, far less memory); low: checkpointing + micro-batch 1",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the UNet (faster steps on a GPU after a one-time compile; falls back to eager on failure)",
+    )
     p.add_argument("--lr", type=float, dest="learning_rate", help="learning rate (preset default)")
     p.add_argument("--scale-lr", action="store_true", default=None, help="multiply the learning rate by the batch size")
     p.add_argument("--tokens", type=int, dest="n_tokens", help="vectors in the identity (preset default)")
@@ -275,6 +281,7 @@ def run_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size,
         memory=args.memory,
+        compile=args.compile,
         learning_rate=args.learning_rate,
         scale_lr=args.scale_lr,
         n_tokens=args.n_tokens,

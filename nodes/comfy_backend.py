@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ..core.acceleration import CompileTimer, compiled_forward
 from ..core.checkpointing import comfy_unet_blocks, gradient_checkpointing
 from ..core.errors import InputError
 from ..core.prompts import PromptCache, in_vocabulary
@@ -314,6 +315,10 @@ class ComfyDenoiser:
     def checkpointing(self) -> contextlib.AbstractContextManager[None]:
         """While active, the UNet's layers recompute activations in backward (safe on cores with in-place residuals)."""
         return gradient_checkpointing(comfy_unet_blocks(self.model.diffusion_model), inplace_safe=_residuals_in_place())
+
+    def compiled(self, timer: CompileTimer) -> contextlib.AbstractContextManager[None]:
+        """While active, the diffusion model's forward is torch.compile'd (eager again on any failure)."""
+        return compiled_forward(self.model.diffusion_model, timer)
 
     def memory_modules(self) -> list[torch.nn.Module]:
         """The modules whose weights the run keeps on the device (for the free-memory count)."""

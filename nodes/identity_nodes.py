@@ -177,6 +177,10 @@ class TrainIdentityToken:
                     "slower, a fraction of the memory). low: checkpointing + one image per pass, the least memory. "
                     "The training step is the same in every mode."
                 )}),
+                "compile": ("BOOLEAN", {"default": False, "tooltip": (
+                    "torch.compile the UNet: faster steps on a GPU after a one-time compile of tens of seconds (logged "
+                    "apart). Falls back to the normal UNet with a warning if compiling fails. Off by default."
+                )}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -184,7 +188,7 @@ class TrainIdentityToken:
     def train(self, model: list, clip: list, vae: list, images: list, preset: list, steps: list,
               learning_rate: list, batch_size: list, reg_weight: list, seed: list, resolution: list,
               mask: list | None = None, init: list | None = None, memory: list | None = None,
-              unique_id: list | None = None) -> tuple:
+              compile: list | None = None, unique_id: list | None = None) -> tuple:
         """Run the core trainer on the graph's models; a Cancel raises ComfyUI's interrupt and returns nothing."""
         import comfy.model_management as mm
 
@@ -200,6 +204,7 @@ class TrainIdentityToken:
             PRESETS[name], steps=int(_first(steps)) or None, learning_rate=float(_first(learning_rate)) or None,
             batch_size=int(_first(batch_size)) or None, reg_weight=None if reg < 0 else reg,
             seed=int(_first(seed)), resolution=size, memory=_first(memory) if memory else None,
+            compile=bool(_first(compile)) if compile else None,
         )
         start = _normal(_first(init)) if init and _first(init) is not None else None
         progress = _Progress(config.steps, _first(unique_id))

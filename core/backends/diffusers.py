@@ -7,6 +7,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from ..acceleration import CompileTimer, compiled_forward
 from ..checkpointing import diffusers_unet_blocks, gradient_checkpointing
 from ..errors import InputError
 from ..prompts import PromptCache, in_vocabulary
@@ -127,6 +128,10 @@ class DiffusersDenoiser:
     def checkpointing(self) -> AbstractContextManager[None]:
         """While active, the UNet's layers recompute their activations in backward instead of keeping them."""
         return gradient_checkpointing(diffusers_unet_blocks(self.unet))
+
+    def compiled(self, timer: CompileTimer) -> AbstractContextManager[None]:
+        """While active, the UNet's forward is torch.compile'd (eager again on any failure)."""
+        return compiled_forward(self.unet, timer)
 
     def memory_modules(self) -> list[torch.nn.Module]:
         """The modules whose weights the run keeps on the device (for the free-memory count)."""
