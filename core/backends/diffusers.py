@@ -124,6 +124,7 @@ class DiffusersDenoiser:
         self.scaling_factor = float(vae.config.scaling_factor)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self._schedule: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._time_ids: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
 
     def checkpointing(self) -> AbstractContextManager[None]:
         """While active, the UNet's layers recompute their activations in backward instead of keeping them."""
@@ -136,7 +137,6 @@ class DiffusersDenoiser:
     def memory_modules(self) -> list[torch.nn.Module]:
         """The modules whose weights the run keeps on the device (for the free-memory count)."""
         return [self.unet, self.vae]
-        self._time_ids: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
