@@ -319,6 +319,8 @@ class MemoryPlan:
         how = "with gradient checkpointing" if self.checkpointing else "without gradient checkpointing"
         if self.micro_batch < self.batch:
             how += f", micro-batch {self.micro_batch} of {self.batch}"
+        if self.peak_bytes == 0 and self.free_bytes is None:  # nothing estimated (no CUDA device, or a test model)
+            return f"no estimate (estimated on CUDA with a real model only), {how}"
         free = "free memory unknown" if self.free_bytes is None else f"{self.free_bytes / GB:.1f} GB free"
         line = f"estimated peak {self.peak_bytes / GB:.1f} GB {how}; {free}"
         if not self.fits:
