@@ -45,10 +45,8 @@ def _folder_images(folder: Path) -> list[Path]:
     skipped = [entry.name for entry in visible if entry.suffix.lower() in SKIPPED_PICTURE_EXTENSIONS]
     if skipped:
         log.warning(
-            "images: skipped %s in %s (%s not read: animations and these formats are not used); "
-            "convert %s to PNG or JPEG to train on %s",
-            ", ".join(skipped), folder, "it is" if len(skipped) == 1 else "they are",
-            "it" if len(skipped) == 1 else "them", "it" if len(skipped) == 1 else "them",
+            "images: skipped %s in %s (animations and these formats are not read); convert to PNG or JPEG to train "
+            "on them", ", ".join(skipped), folder,
         )
     return [entry for entry in visible if is_image_path(entry)]
 
