@@ -26,8 +26,11 @@ class EncodedText:
 class Conditioning:
     """What the denoiser is conditioned on: cross-attention context and, for SDXL, the pooled vector."""
 
-    context: torch.Tensor  # (B, 77, D)
+    context: torch.Tensor  # (B, 77, D): what cross-attention keys (and, without value_context, values) come from
     pooled: torch.Tensor | None = None
+    # (B, 77, D) or None: a per-stage identity's value prompt; cross-attention values then come from it, keys from
+    # context (SeFi-IDE-style key/value split, METHODS.md 3.3)
+    value_context: torch.Tensor | None = None
 
     def select(self, index: Sequence[int]) -> Conditioning:
         """The conditioning of rows index, in that order."""
@@ -35,7 +38,8 @@ class Conditioning:
             return self
         at = index_on(self.context.device, index)
         pooled = None if self.pooled is None else self.pooled.index_select(0, at.to(self.pooled.device))
-        return Conditioning(context=self.context.index_select(0, at), pooled=pooled)
+        value = None if self.value_context is None else self.value_context.index_select(0, at)
+        return Conditioning(context=self.context.index_select(0, at), pooled=pooled, value_context=value)
 
 
 def index_on(device: torch.device, index: Sequence[int]) -> torch.Tensor:
@@ -71,7 +75,10 @@ class TextEncoder(Protocol):
         ...
 
     def encode(self, prompts: Sequence[str], rows: torch.Tensor | None) -> EncodedText:
-        """Encode prompts whose SLOT is replaced by the n rows (n, width); gradients flow to rows."""
+        """Encode prompts whose SLOT is replaced by rows; gradients flow to rows.
+
+        rows: (n, width), the same n rows in every prompt, or (B, n, width) with B = len(prompts), each prompt's own.
+        """
         ...
 
 
@@ -97,8 +104,13 @@ class Denoiser(Protocol):
         ...
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The model's prediction for x_t at timesteps under the conditioning."""
+        """The model's prediction for x_t at timesteps under the conditioning (values from cond.value_context if set)."""
         ...
+
+    # For attention capture (core.attention), both backends also give:
+    #   attention_sites() -> list[AttentionSite]: every cross-attention layer of the UNet, in forward order;
+    #   recording(recorder: AttentionRecorder) -> context manager: while active, predict computes the layers the
+    #   recorder wants explicitly and hands each (B, N, 77) map, with gradients, to recorder.add(name, map).
 
 
 @dataclass
