@@ -7,13 +7,14 @@ import functools
 import inspect
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from ..core.acceleration import CompileTimer, compiled_forward
+from ..core.attention import AttentionRecorder, AttentionSite, attention_probabilities, explicit_attention
 from ..core.checkpointing import comfy_unet_blocks, gradient_checkpointing
 from ..core.errors import InputError
 from ..core.prompts import PromptCache, in_vocabulary
@@ -181,15 +182,32 @@ class ComfyTextEncoder:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return attn.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
-    def encode(self, prompts: Sequence[str], rows: torch.Tensor | None) -> EncodedText:
-        """Encode prompts with rows spliced at SLOT, at the layer ComfyUI's CLIPTextEncode would use."""
-        n_rows = 0 if rows is None else int(rows.shape[0])
+    def _embedded(self, prompts: list[str], rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 77) ids and their float32 token embeddings with rows at SLOT: (n, width) shared or (B, n, width) each."""
+        per_prompt = rows is not None and rows.dim() == 3
+        if per_prompt and rows.shape[0] != len(prompts):
+            raise ValueError(f"encode: {rows.shape[0]} row sets for {len(prompts)} prompts; give one per prompt")
+        n_rows = 0 if rows is None else int(rows.shape[-2])
         device = self.token_table().device
-        input_ids, mask = self.prompts.batch(list(prompts), n_rows, device)
+        input_ids, slots = self.prompts.spliced(prompts, n_rows, device)
+        x = self.text_model.embeddings.token_embedding(input_ids).float()
+        if rows is None or not self.prompts.has_rows(prompts, n_rows):
+            return input_ids, x
+        rows = rows.to(device, torch.float32)
+        mask = slots >= 0
+        if not per_prompt:
+            return input_ids, x.masked_scatter(mask.unsqueeze(-1), rows.repeat(x.shape[0], 1))
+        prompt = torch.arange(len(prompts), device=device).unsqueeze(1)
+        return input_ids, torch.where(mask.unsqueeze(-1), rows[prompt, slots.clamp_min(0)], x)
+
+    def encode(self, prompts: Sequence[str], rows: torch.Tensor | None) -> EncodedText:
+        """Encode prompts with rows spliced at SLOT, at the layer ComfyUI's CLIPTextEncode would use.
+
+        rows: (n, width), the same rows in every prompt, or (B, n, width), each prompt its own (B = len(prompts)).
+        """
+        input_ids, x = self._embedded(list(prompts), rows)
+        device = x.device
         embeddings = self.text_model.embeddings
-        x = embeddings.token_embedding(input_ids).float()
-        if rows is not None and bool(mask.any()):
-            x = x.masked_scatter(mask.unsqueeze(-1), rows.to(device, torch.float32).repeat(x.shape[0], 1))
         x = x + embeddings.position_embedding.weight[: x.shape[1]].to(device, torch.float32)
         layers = self.text_model.encoder.layers
         wanted = None
@@ -289,6 +307,93 @@ def partially_loaded(model_patcher: object) -> bool:
     return getattr(model_patcher, "model_lowvram", False) is True or bool(getattr(model_patcher.model, "model_lowvram", False))
 
 
+BLOCK_PARTS = (("input", "down"), ("middle", "mid"), ("output", "up"))  # ComfyUI's UNet block names, core's parts
+AttentionPatch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+AttentionReplace = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def _resolution_step(layer: torch.nn.Module) -> int:
+    """+1 for a layer that halves the resolution (Downsample, or a ResBlock with one), -1 for one that doubles it."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+    modules = list(layer.modules())
+    return int(any(isinstance(m, Downsample) for m in modules)) - int(any(isinstance(m, Upsample) for m in modules))
+
+
+def unet_attention_sites(diffusion_model: torch.nn.Module) -> list[AttentionSite]:
+    """Every attn2 of ComfyUI's UNetModel in forward order, named 'input.{block}.{index}' as its attn2 replace keys."""
+    middle = getattr(diffusion_model, "middle_block", None)
+    groups = {"input": diffusion_model.input_blocks, "middle": [] if middle is None else [middle],
+              "output": diffusion_model.output_blocks}
+    sites, level = [], 0
+    for block_name, part in BLOCK_PARTS:
+        for block_id, block in enumerate(groups[block_name]):
+            for layer in block:
+                for index, transformer in enumerate(getattr(layer, "transformer_blocks", None) or []):
+                    if getattr(transformer, "attn2", None) is not None:
+                        sites.append(AttentionSite(part, level, f"{block_name}.{block_id}.{index}"))
+                level += _resolution_step(layer)
+    return sites
+
+
+def replace_key(name: str) -> tuple[str, int, int]:
+    """The (block name, block id, transformer index) key of ComfyUI's attn2 replace patches for a site name."""
+    block_name, block_id, index = name.split(".")
+    return block_name, int(block_id), int(index)
+
+
+def user_replace(attn2: dict, name: str) -> AttentionReplace | None:
+    """The attn2 replace a MODEL patch set on this layer (by its full key or by its block), as ComfyUI would find it."""
+    key = replace_key(name)
+    return attn2.get(key, attn2.get(key[:2]))
+
+
+def with_attn2_patch(options: dict, patch: AttentionPatch) -> dict:
+    """options with patch appended to its attn2_patch list; the lists and dicts it came with are not changed."""
+    patches = dict(options.get("patches", {}))
+    patches["attn2_patch"] = [*patches.get("attn2_patch", []), patch]
+    return {**options, "patches": patches}
+
+
+def value_patch(value_context: torch.Tensor) -> AttentionPatch:
+    """An attn2_patch taking cross-attention values from value_context, keys (and queries) as they come."""
+
+    def patch(n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra: dict) -> tuple:
+        return n, context, value_context.to(device=context.device, dtype=context.dtype)
+
+    return patch
+
+
+def recorded_attention(recorder: AttentionRecorder, name: str, theirs: AttentionReplace | None) -> AttentionReplace:
+    """An attn2 replace computing the layer's map explicitly and handing it to recorder.add(name, map).
+
+    Without a replace of the user's, the output comes from the same probabilities (explicit_attention); with one, the
+    output is theirs and the map is softmax(QK^T/sqrt(d)) of the q and k their replace gets. The explicit path runs
+    whether or not the recorder is active, so a checkpoint's recompute repeats the forward exactly.
+    """
+
+    def replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
+        heads = int(extra["n_heads"])
+        if theirs is None:
+            out, probs = explicit_attention(q, k, v, heads)
+        else:
+            out, probs = theirs(q, k, v, extra), attention_probabilities(q, k, heads).mean(dim=1)
+        recorder.add(name, probs)
+        return out
+
+    return replace
+
+
+def with_recording(options: dict, recorder: AttentionRecorder) -> dict:
+    """options with an attn2 replace on each of the recorder's layers (wrapping the user's where one is set)."""
+    patches_replace = dict(options.get("patches_replace", {}))
+    attn2 = dict(patches_replace.get("attn2", {}))
+    for site in recorder.sites:
+        attn2[replace_key(site.name)] = recorded_attention(recorder, site.name, user_replace(attn2, site.name))
+    patches_replace["attn2"] = attn2
+    return {**options, "patches_replace": patches_replace}
+
+
 class ComfyDenoiser:
     """A ComfyUI MODEL as its patches leave it: the sampler's model_sampling, transformer_options and model wrapper."""
 
@@ -306,6 +411,7 @@ class ComfyDenoiser:
         self.transformer_options = dict(self.model_options.get("transformer_options", {}))
         self.cond_uuid = uuid.uuid4()  # comfy.samplers gives each cond a uuid ("uuids"); training has one cond
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._recorder: AttentionRecorder | None = None
 
     @property
     def device(self) -> torch.device:
@@ -315,6 +421,27 @@ class ComfyDenoiser:
     def checkpointing(self) -> contextlib.AbstractContextManager[None]:
         """While active, the UNet's layers recompute activations in backward (safe on cores with in-place residuals)."""
         return gradient_checkpointing(comfy_unet_blocks(self.model.diffusion_model), inplace_safe=_residuals_in_place())
+
+    def attention_sites(self) -> list[AttentionSite]:
+        """Every cross-attention layer of the UNet in forward order, named as ComfyUI's attn2 replace patches key them."""
+        return unet_attention_sites(self.model.diffusion_model)
+
+    @contextmanager
+    def recording(self, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
+        """While active, predict computes the recorder's layers explicitly and hands their maps to recorder.add."""
+        attn2 = self.transformer_options.get("patches_replace", {}).get("attn2", {})
+        for site in recorder.sites:
+            if user_replace(attn2, site.name) is not None:
+                log.warning(
+                    "Identity Tokens: another node replaces the cross-attention of layer %s; its output is kept and "
+                    "the layer's map is recorded as softmax(QK^T/sqrt(d)) of the queries and keys that node gets",
+                    site.name,
+                )
+        previous, self._recorder = self._recorder, recorder
+        try:
+            yield recorder
+        finally:
+            self._recorder = previous
 
     def compiled(self, timer: CompileTimer) -> contextlib.AbstractContextManager[None]:
         """While active, the diffusion model's forward is torch.compile'd (eager again on any failure)."""
@@ -383,6 +510,15 @@ class ComfyDenoiser:
         options.update(cond_or_uncond=[COND], uuids=[self.cond_uuid], sigmas=sigma)
         return options
 
+    def _call_options(self, sigma: torch.Tensor, cond: Conditioning) -> dict:
+        """sampling_options plus this call's patches: values from cond.value_context, the recorder's explicit layers."""
+        options = self.sampling_options(sigma)
+        if cond.value_context is not None:
+            options = with_attn2_patch(options, value_patch(cond.value_context))
+        if self._recorder is not None:
+            options = with_recording(options, self._recorder)
+        return options
+
     def _apply_model(self, model_input: torch.Tensor, sigma: torch.Tensor, c: dict) -> torch.Tensor:
         """BaseModel.apply_model, through the MODEL's model_function_wrapper when a node set one, as the sampler calls it."""
         if self.model.model_sampling is not self.model_sampling:
@@ -402,7 +538,7 @@ class ComfyDenoiser:
         s = sigma.view(-1, 1, 1, 1)
         scale = (s**2 + 1).sqrt()
         model_input = noisy * scale  # ComfyUI's x = x_0 + sigma * noise; apply_model divides by sqrt(sigma^2 + 1)
-        c = {"c_crossattn": cond.context, "transformer_options": self.sampling_options(sigma)}
+        c = {"c_crossattn": cond.context, "transformer_options": self._call_options(sigma, cond)}
         if self.family == "sdxl":
             c["y"] = self._size_conditioning(cond.pooled, noisy)
         denoised = self._apply_model(model_input, sigma, c).float()

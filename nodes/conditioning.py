@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -119,13 +119,83 @@ def _identity_embeddings(clip: object, table: dict[str, dict[str, torch.Tensor]]
             _restore_attributes(tokenizer, saved)
 
 
-def encode_with_identities(clip: object, text: str, pairs: Sequence[tuple[Identity, str, str]]) -> list:
-    """CONDITIONING for a prompt whose trigger words carry identities; pairs are (identity, trigger, input name)."""
-    _check_triggers(text, pairs)
-    table = _rows_by_name(clip, pairs)
+def _conditioning(clip: object, text: str, pairs: Sequence[tuple[Identity, str, str]],
+                  table: dict[str, dict[str, torch.Tensor]]) -> list:
+    """CONDITIONING of the prompt with each identity's internal name resolving to its rows in table."""
     with _identity_embeddings(clip, table):
         tokens = clip.tokenize(rewrite_prompt(text, pairs))
     if hasattr(clip, "encode_from_tokens_scheduled"):  # today's ComfyUI, as its CLIPTextEncode does
         return clip.encode_from_tokens_scheduled(tokens)
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     return [[cond, {"pooled_output": pooled}]]
+
+
+def encode_with_identities(clip: object, text: str, pairs: Sequence[tuple[Identity, str, str]]) -> list:
+    """CONDITIONING for a prompt whose trigger words carry identities; pairs are (identity, trigger, input name)."""
+    _check_triggers(text, pairs)
+    return _conditioning(clip, text, pairs, _rows_by_name(clip, pairs))
+
+
+StageRows = Mapping[str, torch.Tensor]  # {encoder key: (2, S, n, width)}: [0] the key rows, [1] the value rows
+
+
+def _stage_tensor(stages: StageRows, key: str) -> torch.Tensor | None:
+    """One encoder's per-stage rows; a lone tensor serves any encoder (as Identity.rows_for does)."""
+    value = stages.get(key)
+    if value is None and len(stages) == 1:
+        value = next(iter(stages.values()))
+    return value
+
+
+def _stage_count(stage_rows: Sequence[StageRows | None], pairs: Sequence[tuple[Identity, str, str]]) -> int:
+    """The one stage count S of every per-stage identity (1 when none has stages)."""
+    counts: dict[str, int] = {}
+    for stages, (_, _, input_name) in zip(stage_rows, pairs):
+        for key, value in (stages or {}).items():
+            if value.dim() != 4 or value.shape[0] != 2:
+                raise InputError(
+                    f"{input_name}: its {key} stage rows have shape {list(value.shape)}; per-stage rows are "
+                    "(2, stages, tokens, width): key rows then value rows"
+                )
+            counts[f"{input_name} {key}"] = int(value.shape[1])
+    if len(set(counts.values())) > 1:
+        raise InputError(f"stages: the identities have different stage counts ({counts}); use identities trained alike")
+    return next(iter(counts.values()), 1)
+
+
+def _stage_table(plain: dict[str, dict[str, torch.Tensor]], stage_rows: Sequence[StageRows | None], stage: int,
+                 part: int, pairs: Sequence[tuple[Identity, str, str]]) -> dict[str, dict[str, torch.Tensor]]:
+    """{internal name: {encoder key: rows}} of one stage's key (part 0) or value (part 1) rows; plain identities as is."""
+    table = {}
+    for (name, rows), stages, (_, _, input_name) in zip(plain.items(), stage_rows, pairs):
+        if stages is None:
+            table[name] = rows
+            continue
+        table[name] = {}
+        for key, own in rows.items():
+            value = _stage_tensor(stages, key)
+            if value is None or value.shape[-1] != own.shape[-1]:
+                raise InputError(
+                    f"{input_name}: it has no {key} stage rows of width {own.shape[-1]} for this CLIP; use an "
+                    "identity trained on this model family"
+                )
+            table[name][key] = value[part, stage].detach().float().cpu()
+    return table
+
+
+def encode_stage_contexts(clip: object, text: str, pairs: Sequence[tuple[Identity, str, str]],
+                          stage_rows: Sequence[StageRows | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per stage, the prompt's (keys, values) contexts, each (1, 77*k, D) as ComfyUI's CLIP encodes it.
+
+    stage_rows[i] belongs to pairs[i]: {encoder key: (2, S, n, width)} (an identity's per-stage rows, [0] keys and
+    [1] values), or None for an identity without stages, whose plain rows then serve every stage as keys and values.
+    """
+    if len(stage_rows) != len(pairs):
+        raise ValueError(f"stages: {len(stage_rows)} stage row sets for {len(pairs)} identities; give one per identity")
+    _check_triggers(text, pairs)
+    plain = _rows_by_name(clip, pairs)
+    contexts = []
+    for stage in range(_stage_count(stage_rows, pairs)):
+        keys, values = (_stage_table(plain, stage_rows, stage, part, pairs) for part in (0, 1))
+        contexts.append(tuple(_conditioning(clip, text, pairs, table)[0][0] for table in (keys, values)))
+    return contexts
