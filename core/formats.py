@@ -1,4 +1,8 @@
-"""Identity files: write our .safetensors and the A1111 .pt, read every embedding layout of METHODS.md 5.4."""
+"""Identity files: write our .safetensors and the A1111 .pt, read every embedding layout of METHODS.md 5.4.
+
+A per-stage (SeFi-IDE-style) identity is written in the pack's own layout (sefi.k.<encoder>, sefi.v.<encoder>), which
+stock loaders cannot use; core.identity.plain_export makes the lossy plain identity they can.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import InputError
 from .files import atomic_write
-from .identity import ENCODER_KEYS, WIDTH_TO_ENCODER, Identity, IdentityError
+from .identity import ENCODER_KEYS, STAGE_METADATA_KEYS, WIDTH_TO_ENCODER, Identity, IdentityError
 from .pickles import PickleRefused, PickleUnreadable, gist, load_weights_only
+from .stages import StageSchedule
 
 SUPPORTED_SUFFIXES = (".safetensors", ".pt", ".bin")
 METADATA_PREFIX = "identity_tokens."
 SINGLE_ENCODERS = ("clip_l", "clip_h")
 SDXL_ENCODERS = ("clip_g", "clip_l")
 A1111_PLACEHOLDER_ID = 265
+SEFI_LAYOUT = "sefi-stages"  # identity_tokens.layout of a per-stage file
+SEFI_PREFIX = "sefi."  # its tensors: sefi.k.<encoder> and sefi.v.<encoder>, each (S, n_tokens, width)
+_PLAIN_FILE_KEYS = ("encoders",)  # file facts in our metadata, not part of the identity's own metadata
+_SEFI_FILE_KEYS = ("encoders", "layout")
 
 # The only classes beyond torch's weights_only defaults that a .pt may reference: rinongal's ParameterDict.
 SAFE_PICKLE_CLASSES: tuple[type, ...] = (torch.nn.ParameterDict,)
@@ -32,26 +42,33 @@ _LAYOUT_HELP = (
 
 
 class _Parsed(NamedTuple):
-    """Rows, metadata and layout name read from one file, before they become an Identity."""
+    """Rows (or per-stage tensors and schedule), metadata and layout name read from one file, before the Identity."""
 
     rows: dict[str, torch.Tensor]
     metadata: dict[str, str]
     layout: str
+    stages: dict[str, torch.Tensor] | None = None
+    schedule: StageSchedule | None = None
 
 
 # ---------------------------------------------------------------- writing
 
 
 def save_identity(identity: Identity, path: Path, *, token: str, overwrite: bool = False) -> Path:
-    """Write `identity` as a .safetensors that A1111, diffusers and ComfyUI load unchanged (METHODS.md 5.5)."""
+    """Write `identity` as a .safetensors that A1111, diffusers and ComfyUI load unchanged (METHODS.md 5.5).
+
+    A per-stage identity is written in the pack's sefi-stages layout instead, which only this pack reads.
+    """
     path = Path(path)
     _require_suffix(path, ".safetensors")
     token = file_key(_check_name(token, "token", path))
-    tensors = _file_tensors(identity, token, path)
+    tensors = _stage_tensors(identity, path) if identity.is_staged else _file_tensors(identity, token, path)
     metadata = {"format": "pt"}
     metadata.update({METADATA_PREFIX + key: value for key, value in identity.metadata.items()})
     metadata[METADATA_PREFIX + "encoders"] = ",".join(identity.encoders)
     metadata[METADATA_PREFIX + "token"] = token
+    if identity.is_staged:
+        metadata.update({METADATA_PREFIX + key: value for key, value in _stage_file_metadata(identity).items()})
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -64,6 +81,12 @@ def save_a1111_pt(identity: Identity, path: Path, *, name: str, overwrite: bool 
     path = Path(path)
     _require_suffix(path, ".pt")
     name = _check_name(name, "name", path)
+    if identity.is_staged:
+        raise IdentityError(
+            f"output {path}: the A1111 .pt layout holds one vector per token, not per-stage key/value tokens; "
+            "save the per-stage identity as .safetensors, or make a lossy plain one with "
+            "core.identity.plain_export (the 'plain export') and save that"
+        )
     if set(identity.encoders) == set(SDXL_ENCODERS):
         raise IdentityError(
             f"output {path}: the A1111 .pt layout cannot hold two encoders (clip_l and clip_g); "
@@ -116,6 +139,22 @@ def _file_tensors(identity: Identity, token: str, path: Path) -> dict[str, torch
     return {token: _single_encoder_rows(identity, path)}
 
 
+def _stage_tensors(identity: Identity, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a per-stage file: sefi.k.<encoder> and sefi.v.<encoder>, each (S, n_tokens, width)."""
+    if set(identity.encoders) != set(SDXL_ENCODERS):
+        _single_encoder_rows(identity, path)  # the same supported encoder sets as plain files
+    tensors = {}
+    for key, value in (identity.stages or {}).items():
+        tensors[f"{SEFI_PREFIX}k.{key}"] = _clean(value[0])
+        tensors[f"{SEFI_PREFIX}v.{key}"] = _clean(value[1])
+    return tensors
+
+
+def _stage_file_metadata(identity: Identity) -> dict[str, str]:
+    """The layout marker and the stage facts of a per-stage file (a staged Identity keeps them consistent)."""
+    return {"layout": SEFI_LAYOUT, **{key: identity.metadata[key] for key in STAGE_METADATA_KEYS}}
+
+
 def _single_encoder_rows(identity: Identity, path: Path) -> torch.Tensor:
     """The rows of a one-encoder (clip_l or clip_h) identity, or IdentityError for other encoder sets."""
     if len(identity.encoders) != 1 or identity.encoders[0] not in SINGLE_ENCODERS:
@@ -149,12 +188,13 @@ def load_identity(path: Path) -> Identity:
 
 
 def describe_identity_file(path: Path) -> dict[str, object]:
-    """Summarise an identity file for `inspect`: layout, encoders, token count, widths, row norms, metadata, size."""
+    """Summarise an identity file for `inspect`: layout, kind, encoders, token count, widths, norms, metadata, size."""
     path = Path(path)
     identity, layout = _load(path)
-    return {
+    info: dict[str, object] = {
         "path": str(path),
         "layout": layout,
+        "kind": describe_kind(identity),
         "encoders": list(identity.encoders),
         "n_tokens": identity.n_tokens,
         "widths": {key: int(identity.rows[key].shape[1]) for key in identity.encoders},
@@ -162,6 +202,24 @@ def describe_identity_file(path: Path) -> dict[str, object]:
         "metadata": dict(identity.metadata),
         "file_size": path.stat().st_size,
     }
+    if identity.stages is not None:
+        info["num_stages"] = identity.num_stages
+        info["stage_bounds"] = list(identity.schedule.bounds) if identity.schedule else []
+        info["stage_norms"] = {key: _stage_norms(value) for key, value in sorted(identity.stages.items())}
+    return info
+
+
+def describe_kind(identity: Identity) -> str:
+    """One line on what the identity holds: plain vectors, or per-stage (SeFi-IDE-style) key/value tokens."""
+    if identity.is_staged:
+        return f"per-stage (SeFi-IDE-style), {identity.num_stages} stages, key/value tokens"
+    return "plain, one vector per token"
+
+
+def _stage_norms(value: torch.Tensor) -> dict[str, list[list[float]]]:
+    """Norms of a (2, S, n, width) tensor's vectors: per stage, per token, for the key and the value rows."""
+    norms = value.norm(dim=3)
+    return {"key": norms[0].tolist(), "value": norms[1].tolist()}
 
 
 def _load(path: Path) -> tuple[Identity, str]:
@@ -181,7 +239,10 @@ def _load(path: Path) -> tuple[Identity, str]:
             f"identity file {path}: unknown extension '{path.suffix}'; supported are {', '.join(SUPPORTED_SUFFIXES)}"
         )
     try:
-        identity = Identity(parsed.rows, parsed.metadata)
+        if parsed.stages is not None and parsed.schedule is not None:
+            identity = Identity.from_stages(parsed.stages, parsed.schedule, parsed.metadata)
+        else:
+            identity = Identity(parsed.rows, parsed.metadata)
     except IdentityError as error:
         raise IdentityError(f"identity file {path}: {error}") from error
     return identity, parsed.layout
@@ -199,20 +260,106 @@ def _read_safetensors(path: Path) -> _Parsed:
             f"identity file {path}: cannot be read as safetensors ({gist(error)}); "
             "the file is corrupt or truncated, export or download it again"
         ) from error
+    if metadata.get(METADATA_PREFIX + "layout") == SEFI_LAYOUT or any(k.startswith(SEFI_PREFIX) for k in tensors):
+        return _parse_sefi(path, tensors, metadata)
     if METADATA_PREFIX + "encoders" in metadata:
         return _parse_own(path, tensors, metadata)
     return _parse_object(path, tensors)
 
 
-def _parse_own(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> _Parsed:
-    """Read a file written by save_identity: the encoder keys and provenance come from its metadata."""
-    encoders = [key.strip() for key in metadata[METADATA_PREFIX + "encoders"].split(",") if key.strip()]
+def _own_encoders(path: Path, metadata: dict[str, str]) -> list[str]:
+    """The encoder keys named in our metadata, refused when missing or unknown."""
+    text = metadata.get(METADATA_PREFIX + "encoders", "")
+    encoders = [key.strip() for key in text.split(",") if key.strip()]
     unknown = [key for key in encoders if key not in ENCODER_KEYS]
     if not encoders or unknown:
         raise IdentityError(
             f"identity file {path}: its metadata names encoders {encoders}; expected some of {', '.join(ENCODER_KEYS)}. "
             "The file was edited or damaged; save it again"
         )
+    return encoders
+
+
+def _own_metadata(metadata: dict[str, str], file_keys: tuple[str, ...]) -> dict[str, str]:
+    """The identity's metadata from a file's identity_tokens.* keys, less the file facts `file_keys`."""
+    return {
+        key[len(METADATA_PREFIX) :]: value
+        for key, value in metadata.items()
+        if key.startswith(METADATA_PREFIX) and key[len(METADATA_PREFIX) :] not in file_keys
+    }
+
+
+def _parse_sefi(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> _Parsed:
+    """Read a per-stage file: sefi.k/sefi.v per encoder, stacked to (2, S, n, width), checked against its metadata."""
+    damaged = "the file was edited or damaged, save it again"
+    if metadata.get(METADATA_PREFIX + "layout") != SEFI_LAYOUT:
+        raise IdentityError(
+            f"identity file {path}: holds per-stage tensors {_key_list(tensors)} but not the metadata "
+            f"'{METADATA_PREFIX}layout = {SEFI_LAYOUT}' this pack writes with them; it was not saved by Identity "
+            f"Tokens or {damaged}"
+        )
+    encoders = _own_encoders(path, metadata)
+    expected = [f"{SEFI_PREFIX}{part}.{key}" for key in encoders for part in ("k", "v")]
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise IdentityError(
+            f"identity file {path}: per-stage tensor(s) {missing} are missing; every encoder needs "
+            f"{SEFI_PREFIX}k.<encoder> and {SEFI_PREFIX}v.<encoder>, {damaged}"
+        )
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise IdentityError(
+            f"identity file {path}: holds tensors {extra} besides the per-stage ones of encoders {encoders}; {damaged}"
+        )
+    schedule = _file_schedule(path, metadata)
+    stages = {}
+    for key in encoders:
+        keys, values = (_as_stage_rows(path, f"{SEFI_PREFIX}{part}.{key}", tensors, schedule) for part in ("k", "v"))
+        if keys.shape != values.shape:
+            raise IdentityError(
+                f"identity file {path}: '{SEFI_PREFIX}k.{key}' is {tuple(keys.shape)} but '{SEFI_PREFIX}v.{key}' is "
+                f"{tuple(values.shape)}; key and value tokens need the same shape, {damaged}"
+            )
+        stages[key] = torch.stack([keys, values])
+    return _Parsed({}, _own_metadata(metadata, _SEFI_FILE_KEYS), SEFI_LAYOUT, stages, schedule)
+
+
+def _file_schedule(path: Path, metadata: dict[str, str]) -> StageSchedule:
+    """The stage schedule of a per-stage file: bounds that parse, cover 0..T, and agree with num_stages."""
+    bounds = metadata.get(METADATA_PREFIX + "stage_bounds")
+    count = metadata.get(METADATA_PREFIX + "num_stages")
+    if bounds is None or count is None:
+        raise IdentityError(
+            f"identity file {path}: a per-stage file needs metadata '{METADATA_PREFIX}stage_bounds' and "
+            f"'{METADATA_PREFIX}num_stages'; the file was edited or damaged, save it again"
+        )
+    try:
+        schedule = StageSchedule.parse(bounds)
+    except InputError as error:
+        raise IdentityError(f"identity file {path}: {error}") from None
+    if count.strip() != str(schedule.count):
+        raise IdentityError(
+            f"identity file {path}: metadata says num_stages {count} but stage_bounds '{bounds}' give "
+            f"{schedule.count} stages; the file was edited or damaged, save it again"
+        )
+    return schedule
+
+
+def _as_stage_rows(path: Path, name: str, tensors: dict[str, torch.Tensor], schedule: StageSchedule) -> torch.Tensor:
+    """One sefi.k/sefi.v tensor as finite float32 (S, n, width), S checked against the schedule."""
+    value = tensors[name]
+    if value.ndim != 3 or int(value.shape[0]) != schedule.count or value.numel() == 0:
+        raise IdentityError(
+            f"identity file {path}: tensor '{name}' has shape {tuple(value.shape)}; expected ({schedule.count}, "
+            f"n_tokens, width) for its {schedule.count} stages ({schedule.text()}); the file was edited or "
+            "damaged, save it again"
+        )
+    return torch.stack([_as_rows(path, f"{name}[{i}]", stage) for i, stage in enumerate(value)])
+
+
+def _parse_own(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> _Parsed:
+    """Read a file written by save_identity: the encoder keys and provenance come from its metadata."""
+    encoders = _own_encoders(path, metadata)
     if len(encoders) == 1:
         if len(tensors) != 1:
             raise IdentityError(
@@ -228,12 +375,7 @@ def _parse_own(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
                 f"{_key_list(tensors)}; the file was edited or damaged, save it again"
             )
         rows = {key: _as_rows(path, key, tensors[key]) for key in encoders}
-    own = {
-        key[len(METADATA_PREFIX) :]: value
-        for key, value in metadata.items()
-        if key.startswith(METADATA_PREFIX) and key != METADATA_PREFIX + "encoders"
-    }
-    return _Parsed(rows, own, "identity_tokens")
+    return _Parsed(rows, _own_metadata(metadata, _PLAIN_FILE_KEYS), "identity_tokens")
 
 
 def _torch_load(path: Path) -> object:
@@ -379,5 +521,3 @@ def _key_list(data: Mapping) -> str:
     keys = [str(key) for key in data]
     shown = ", ".join(repr(key) for key in keys[:12])
     return f"[{shown}{', ...' if len(keys) > 12 else ''}]"
-
-

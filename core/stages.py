@@ -42,9 +42,10 @@ class StageSchedule:
     def parse(cls, text: str) -> StageSchedule:
         """Bounds from their metadata form '0,200,400,600,800,1000'."""
         try:
-            return cls(tuple(int(part) for part in text.split(",")))
+            bounds = tuple(int(part) for part in text.split(","))
         except ValueError:
             raise InputError(f"stages: bounds '{text}' are not comma-separated whole numbers") from None
+        return cls(bounds)  # outside the try: InputError is a ValueError, and its own message must get through
 
     @property
     def count(self) -> int:
