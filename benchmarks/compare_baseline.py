@@ -151,7 +151,7 @@ class PackRunner:
         device = model.denoiser.device
         sync(device)
         started = time.perf_counter()
-        self.trainer = Trainer(model, images, config)
+        self.trainer = Trainer(model, images, dataclasses.replace(config, attention_maps=False))  # the steps only, no heatmap
         sync(device)
         self.setup_s = time.perf_counter() - started
         self.batch_size = config.batch_size

@@ -19,7 +19,17 @@ from .errors import InputError
 from .identity import Identity
 from .memory import MEMORY_MODES, MemoryPlan, free_memory_bytes, select_memory_plan, training_estimator
 from .precision import LossScaler, compute_dtype, fast_float32_matmuls, guarded_step, optimizer_options
-from .protocols import MAX_TOKENS, SLOT, Conditioning, Denoiser, Model, condition, distinct_prompts, encode_distinct
+from .protocols import MAX_TOKENS, SLOT, Conditioning, Denoiser, Model, distinct_prompts, encode_distinct
+from .sefi import (
+    AttentionTerm,
+    FaceLoss,
+    StagedRows,
+    attention_snapshot,
+    check_face_masks,
+    check_reference_word,
+    recorder_for,
+)
+from .stages import StageSchedule
 from .templates import training_prompts
 
 
@@ -57,6 +67,13 @@ class TrainConfig:
     # torch.compile the UNet's forward (off by default): faster steps on a GPU after a compile of tens of seconds,
     # reported apart from the steps; any compile failure falls back to the eager UNet with a warning.
     compile: bool = False
+    # The face-wise attention loss (SeFi-IDE-style, core.sefi): None for none. Its mask mode needs face_masks.
+    face_loss: FaceLoss | None = None
+    # Per-stage key/value tokens (SeFi-IDE-style): None for a plain identity; S stages split the timesteps by
+    # floor(t*S/T), each with its own key and value rows. 5 is SeFi-IDE's. The result needs Apply Identity's MODEL.
+    stages: int | None = None
+    # Record where the identity token looks in each photo at the start and the end (TrainResult.attention).
+    attention_maps: bool = True
 
     @property
     def effective_lr(self) -> float:
@@ -132,12 +149,15 @@ class Batch:
     timesteps: torch.Tensor
     prompts: list[str]
     weights: torch.Tensor | None = None  # (B, 1, h, w) loss weights from the masks, or None for a plain mean
+    face_masks: torch.Tensor | None = None  # (B, 1, h, w) face masks for the attention loss's mask mode
 
     def part(self, start: int, stop: int) -> Batch:
         """Samples start..stop-1 as a batch of their own (views, no copies)."""
         weights = None if self.weights is None else self.weights[start:stop]
+        faces = None if self.face_masks is None else self.face_masks[start:stop]
         return Batch(
-            self.latents[start:stop], self.noise[start:stop], self.timesteps[start:stop], self.prompts[start:stop], weights
+            self.latents[start:stop], self.noise[start:stop], self.timesteps[start:stop], self.prompts[start:stop],
+            weights, faces,
         )
 
 
@@ -149,6 +169,18 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     stopped: str = ""
     skipped: int = 0  # fp16 steps whose gradient overflowed: not applied, the loss scale halved, not counted as steps
+    attention: AttentionMaps | None = None  # where the identity looked at the start and the end (config.attention_maps)
+
+
+@dataclass
+class AttentionMaps:
+    """The identity token's attention over each training photo, (N, h, w), and with face masks the share inside them."""
+
+    start: object  # numpy (N, h, w)
+    end: object | None = None  # None when training stopped before the end snapshot could be taken
+    inside_start: object | None = None  # numpy (N,) or None without masks
+    inside_end: object | None = None
+    end_step: int = 0
 
 
 @dataclass
@@ -194,8 +226,11 @@ class Trainer:
         init: Identity | None = None,
         masks: torch.Tensor | None = None,
         latents: tuple[torch.Tensor, torch.Tensor] | None = None,
+        face_masks: torch.Tensor | None = None,
     ) -> None:
         """masks: optional (N, 1, H, W) weights in [0, 1] at image size that focus the loss (e.g. on the face).
+
+        face_masks: (N, 1, H, W) face masks at image size for the face loss's mask mode (and the heatmap's shares).
 
         latents: the (mean, std) that encode_latents gave for these images and config, when the caller encoded them
         already (ComfyUI does so before the UNet is loaded, so the VAE cannot evict it); else they are encoded here.
@@ -211,8 +246,12 @@ class Trainer:
             start = initial_rows(model, config.init, config.n_tokens, config.init_text)
         self.device = device = model.denoiser.device
         self.dtype = compute_dtype(model)  # what the UNet and text encoders compute in; the rows stay float32
+        self.schedule = self._stage_schedule(init)
+        if self.schedule is not None:
+            start = self._staged_start(start, init)
         self.init_rows = {k: v.to(device, torch.float32) for k, v in start.items()}
         self.rows = {k: torch.nn.Parameter(v.clone()) for k, v in self.init_rows.items()}
+        self.staged = None if self.schedule is None else StagedRows(self.rows, self.schedule)
         self.optimizer = torch.optim.AdamW(
             list(self.rows.values()),
             lr=self.config.effective_lr,
@@ -231,6 +270,17 @@ class Trainer:
         if self.latent_mean.shape[0] != expected:
             raise InputError(f"latents: got {self.latent_mean.shape[0]} for {images.shape[0]} images; encode them with encode_latents")
         self.latent_weights = None if masks is None else self._latent_weights(masks)
+        n_images = images.shape[0]
+        face = self.config.face_loss
+        if face is not None and face.mode == "mask":
+            face_masks = check_face_masks(face_masks, n_images)
+        self.face_weights = None if face_masks is None else self._latent_weights(face_masks)
+        self.recorder = None
+        if face is not None or (self.config.attention_maps and hasattr(model.denoiser, "recording")):
+            if not hasattr(model.denoiser, "attention_sites"):
+                raise InputError("face loss: this model's backend cannot record cross-attention; turn the face loss off")
+            self.recorder = recorder_for(model, face.layers if face is not None else "default")
+        self.attention_term = None if face is None else AttentionTerm(model, face, self.recorder, self.config.n_tokens)
         self.steps_done = 0  # steps run() has taken, the one in flight included
         self.skipped_steps = 0  # fp16 overflows: steps not applied and not counted in steps_done
         self.last_applied: torch.Tensor | None = None  # device bool left by step(): whether its update went in
@@ -254,6 +304,18 @@ class Trainer:
             )
         if not cfg.learning_rate > 0 or not math.isfinite(cfg.learning_rate):
             raise InputError(f"learning rate: got {cfg.learning_rate}; it must be a positive number such as 0.005")
+        if cfg.face_loss is not None:
+            cfg.face_loss.check()
+            if cfg.face_loss.mode == "reference":
+                check_reference_word(self.model, cfg.face_loss.reference_word)
+        if cfg.stages is not None:
+            if int(cfg.stages) < 1:
+                raise InputError(f"stages: got {cfg.stages}; use 1 or more stages (5 is SeFi-IDE's), or none")
+            if int(cfg.stages) > cfg.steps:
+                raise InputError(
+                    f"stages: {cfg.stages} stages but only {cfg.steps} steps, so some stages would never train; use at "
+                    f"most {cfg.steps} stages or more steps"
+                )
         for enc in self.model.encoders:
             if enc.in_vocabulary(cfg.token):
                 raise InputError(
@@ -268,6 +330,29 @@ class Trainer:
                 f"tokens: {n_tokens} vectors do not fit; CLIP takes 75 prompt tokens and the longest training prompt "
                 f"uses {longest}, leaving room for {room}; use at most {room}"
             )
+
+    def _stage_schedule(self, init: Identity | None) -> StageSchedule | None:
+        """The stages to train: config.stages uniform ones, or a per-stage init's own; None for a plain identity."""
+        steps = self.model.denoiser.num_train_timesteps
+        own = init.schedule if init is not None and init.is_staged else None
+        if self.config.stages is None:
+            if own is not None:
+                own.check_covers(steps)
+            return own
+        wanted = StageSchedule.uniform(int(self.config.stages), steps)
+        if own is not None and own != wanted:
+            raise InputError(
+                f"stages: the init identity has {own.count} stages ({own.text()}) but {self.config.stages} were asked "
+                f"for; ask for {own.count} or start from a plain identity"
+            )
+        return wanted
+
+    def _staged_start(self, start: dict[str, torch.Tensor], init: Identity | None) -> dict[str, torch.Tensor]:
+        """(2, S, n, width) start rows: a per-stage init's own, or the plain start rows in every stage's key and value."""
+        if init is not None and init.is_staged:
+            return {enc.key: init.stage_rows_for(enc.key, enc.width) for enc in self.model.encoders}
+        count = self.schedule.count
+        return {key: rows.float().unsqueeze(0).unsqueeze(0).expand(2, count, -1, -1).clone() for key, rows in start.items()}
 
     def plan_memory(self) -> MemoryPlan:
         """Checkpointing and micro-batch for this run (config.memory), with the estimate logged when there is one."""
@@ -297,7 +382,29 @@ class Trainer:
             if not hasattr(den, "compiled"):
                 raise InputError("compile: this model's backend cannot compile its UNet; turn compile off")
             stack.enter_context(den.compiled(self.compile_timer))
+        if self.recorder is not None:
+            stack.enter_context(den.recording(self.recorder))
         return stack
+
+    def attention_snapshot(self) -> tuple[object, object | None]:
+        """Where the identity looks now in each training photo (N, h, w), and the share inside the face masks if any."""
+        n_images = self.latent_mean.shape[0] // (2 if self.config.flip_p > 0 else 1)
+        masks = None if self.face_weights is None else self.face_weights[:n_images]
+        return attention_snapshot(
+            self.model, self.recorder, self.latent_mean[:n_images], self.prompts[0], self.rows, self.config.n_tokens,
+            self.config.seed, self.staged, masks,
+        )
+
+    def _snapshot_or_none(self, when: str) -> tuple[object, object | None] | None:
+        """attention_snapshot(), or None (logged) when it runs out of memory: the identity matters more than the picture."""
+        try:
+            return self.attention_snapshot()
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):
+                raise
+            self._free_after_out_of_memory()
+            log.warning("attention maps: out of memory at the %s snapshot; no heatmap this time", when)
+            return None
 
     def _latent_weights(self, masks: torch.Tensor) -> torch.Tensor:
         """Masks averaged down to latent size, laid out like the cached latents (originals, then mirrors)."""
@@ -319,14 +426,16 @@ class Trainer:
         noise = torch.randn(mean.shape, generator=gen, device=device, dtype=mean.dtype)
         timesteps = torch.randint(0, self.model.denoiser.num_train_timesteps, (cfg.batch_size,), generator=gen, device=device)
         weights = None if self.latent_weights is None else self.latent_weights[index]
+        faces = None if self.face_weights is None else self.face_weights[index]
         # Prompts are strings, so they are drawn on the host, from a generator of their own: nothing is read back.
         prompts = [self.prompts[self.prompt_generator.randrange(len(self.prompts))] for _ in range(cfg.batch_size)]
-        return Batch(mean + std * sample, noise, timesteps, prompts, weights)
+        return Batch(mean + std * sample, noise, timesteps, prompts, weights, faces)
 
-    def _squared_error_sum(self, batch: Batch, cond: Conditioning) -> torch.Tensor:
+    def _squared_error_sum(self, batch: Batch, cond: Conditioning, noisy: torch.Tensor | None = None) -> torch.Tensor:
         """Sum over the batch of the float32 squared error against the target, weighted by the masks if any."""
         den = self.model.denoiser
-        noisy = den.add_noise(batch.latents, batch.noise, batch.timesteps)
+        if noisy is None:
+            noisy = den.add_noise(batch.latents, batch.noise, batch.timesteps)
         pred = den.predict(noisy, batch.timesteps, cond).float()  # the loss is float32 whatever the model computes in
         error = (pred - den.target(batch.latents, batch.noise, batch.timesteps).float()) ** 2
         return error.sum() if batch.weights is None else (error * batch.weights).sum()
@@ -349,10 +458,34 @@ class Trainer:
                 total = total + self.config.reg_weight * F.pairwise_distance(rows, self.init_rows[key], p=2).mean()
         return total
 
+    def _micro_loss(self, micro: Batch, cond: Conditioning, weight: torch.Tensor | float, batch_size: int) -> torch.Tensor:
+        """One micro-batch's share of the step loss: its diffusion error and, when set, its face-wise attention loss."""
+        if self.attention_term is None:
+            return self._squared_error_sum(micro, cond) / weight
+        den, face = self.model.denoiser, self.config.face_loss
+        noisy = den.add_noise(micro.latents, micro.noise, micro.timesteps)
+        reference = None
+        if face.mode == "reference":  # same latents and timesteps, the class word in place of the identity
+            reference = self.attention_term.reference_maps(noisy, micro.timesteps, micro.prompts)
+        with self.recorder.recording():
+            error = self._squared_error_sum(micro, cond, noisy)
+        maps = self.recorder.take()
+        latent_hw = tuple(micro.latents.shape[-2:])
+        attention = self.attention_term.loss(maps, micro.prompts, micro.face_masks, latent_hw, reference)
+        return error / weight + face.weight * attention * (len(micro.prompts) / batch_size)
+
+    def _encode_step(self, prompts: list[str], timesteps: torch.Tensor) -> tuple[Conditioning, list[int]]:
+        """The step's conditioning and, for each sample, its row in it (distinct prompts once; per-stage: one each)."""
+        if self.staged is not None:
+            return self.staged.condition(self.model, prompts, timesteps), list(range(len(prompts)))
+        distinct, inverse = distinct_prompts(prompts)
+        return encode_distinct(self.model, distinct, self.rows), inverse
+
     def loss(self, batch: Batch) -> torch.Tensor:
-        """Diffusion MSE (mask-weighted when masks were given) plus the Cross-Init regulariser, in one pass."""
-        cond = condition(self.model, batch.prompts, self.rows)
-        return self._squared_error_sum(batch, cond) / self._error_weight(batch) + self._regulariser()
+        """Diffusion MSE (mask-weighted when masks were given), the face loss if set, and the Cross-Init regulariser."""
+        encoded, inverse = self._encode_step(batch.prompts, batch.timesteps)
+        part = self._micro_loss(batch, encoded.select(inverse), self._error_weight(batch), len(batch.prompts))
+        return part + self._regulariser()
 
     def _backward(self, batch: Batch) -> torch.Tensor:
         """Forward and backward of one step, micro-batch by micro-batch, gradients scaled; the loss, on the device.
@@ -361,9 +494,8 @@ class Trainer:
         float32 copy of their output; the gradient gathered there then goes back through the encoders in one pass.
         Gradients are linear in the loss, so the rows get exactly the whole batch's gradient.
         """
-        distinct, inverse = distinct_prompts(batch.prompts)
-        encoded = encode_distinct(self.model, distinct, self.rows)
-        held = Conditioning(_float_leaf(encoded.context), None if encoded.pooled is None else _float_leaf(encoded.pooled))
+        encoded, inverse = self._encode_step(batch.prompts, batch.timesteps)
+        held = Conditioning(*(None if part is None else _float_leaf(part) for part in _parts(encoded)))
         weight = self._error_weight(batch)
         total = self._regulariser()  # once per step, not once per micro-batch
         if total.requires_grad:
@@ -371,10 +503,10 @@ class Trainer:
         size = self.config.micro_batch
         for start in range(0, len(batch.prompts), size):
             micro = batch.part(start, start + size)
-            part = self._squared_error_sum(micro, held.select(inverse[start : start + size])) / weight
+            part = self._micro_loss(micro, held.select(inverse[start : start + size]), weight, len(batch.prompts))
             self.scaler.scale(part).backward()
             total = total + part.detach()
-        outputs = [(out, leaf.grad) for out, leaf in ((encoded.context, held.context), (encoded.pooled, held.pooled))
+        outputs = [(out, leaf.grad) for out, leaf in zip(_parts(encoded), _parts(held))
                    if out is not None and out.requires_grad and leaf.grad is not None]
         if outputs:
             torch.autograd.backward([out for out, _ in outputs], [grad.to(out.dtype) for out, grad in outputs])
@@ -428,9 +560,22 @@ class Trainer:
             **self._compile_metadata(),
             "skipped_steps": self.skipped_steps,
             "partial": str(partial).lower(),
+            **self._face_metadata(),
             "created_by": f"identity-tokens {__version__}",
         }
+        if self.staged is not None:
+            return Identity.from_stages({k: v.detach() for k, v in self.rows.items()}, self.schedule, {**meta, **extra})
         return Identity({k: v.detach() for k, v in self.rows.items()}, {**meta, **extra})
+
+    def _face_metadata(self) -> dict[str, object]:
+        """The face loss's setting, for the file (nothing when off)."""
+        face = self.config.face_loss
+        if face is None:
+            return {}
+        meta = {"face_loss": face.mode, "face_loss_weight": face.weight, "face_loss_layers": face.layers}
+        if face.mode == "reference":
+            meta["face_loss_reference_word"] = face.reference_word
+        return meta
 
     def _compile_metadata(self) -> dict[str, object]:
         """What torch.compile did, for the file: its first-call seconds, or why it fell back (nothing when off)."""
@@ -496,7 +641,9 @@ class Trainer:
         queue: list[_Queued] = []
         self.memory_plan = self.plan_memory()
         self.config = replace(self.config, micro_batch_size=self.memory_plan.micro_batch)
+        maps = None
         with self._acceleration():
+            start = self._snapshot_or_none("start") if self._wants_maps() else None
             try:
                 while not stopped:
                     if self.steps_done >= self.config.steps:
@@ -529,8 +676,20 @@ class Trainer:
             if queue:  # stopped early: keep the steps that finished cleanly
                 late = self._settle(queue, losses, keep=0)
                 stopped = stopped or late
+            if start is not None:
+                end = None if stopped.startswith((OUT_OF_MEMORY, "cancelled")) else self._snapshot_or_none("end")
+                maps = AttentionMaps(start[0], end and end[0], start[1], end and end[1], self.steps_done)
         identity = self.identity(partial=bool(stopped), stopped=stopped)
-        return TrainResult(identity, losses, stopped, self.skipped_steps)
+        return TrainResult(identity, losses, stopped, self.skipped_steps, maps)
+
+    def _wants_maps(self) -> bool:
+        """Whether this run records the attention heatmap's snapshots."""
+        return self.config.attention_maps and self.recorder is not None
+
+
+def _parts(cond: Conditioning) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """A conditioning's tensors in Conditioning's field order: context, pooled, value context."""
+    return cond.context, cond.pooled, cond.value_context
 
 
 def _float_leaf(tensor: torch.Tensor) -> torch.Tensor:
