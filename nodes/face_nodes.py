@@ -1,15 +1,29 @@
-"""Face nodes: Face Crop (photos of any sizes in, same-size face crops and soft masks out, ready for training) and
-Face Similarity (how much generated images look like the reference photos, by dlib's face-identity network)."""
+"""Face nodes: Face Crop (photos of any sizes in, same-size face crops and soft masks out, ready for training),
+Face Attention Loss (the SeFi-IDE-style loss setting Train Identity Token consumes) and Face Similarity (how much
+generated images look like the reference photos, by dlib's face-identity network)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..core.attention import LAYER_CHOICES
 from ..core.errors import InputError
 from ..core.faces import DEFAULT_MARGIN, DEFAULT_SIZE, DEFAULT_SOFTNESS, MIN_SIZE, ON_NO_FACE, crop_faces
 from ..core.likeness import score_likeness
+from ..core.sefi import DEFAULT_REFERENCE_WORD, DEFAULT_WEIGHT, FACE_LOSS_MODES, FaceLoss
 
 CATEGORY = "identity_tokens"
+FACE_LOSS = "FACE_LOSS"  # payload: FaceLossInput (a core.sefi.FaceLoss and, optionally, face masks as given)
+
+
+@dataclass(frozen=True)
+class FaceLossInput:
+    """What Face Attention Loss hands Train Identity Token: the setting and, for the mask mode, masks as connected."""
+
+    setting: FaceLoss
+    masks: tuple[torch.Tensor, ...] = ()  # MASK batches at photo size; Train Identity Token crops them with the photos
 
 
 def _first(value: object) -> object:
@@ -87,6 +101,61 @@ class FaceCrop:
         return (images, masks)
 
 
+class FaceAttentionLoss:
+    """The face-wise attention loss setting (SeFi-IDE-style) for Train Identity Token: mask or reference mode."""
+
+    DESCRIPTION = (
+        "Makes the identity token attend to the face instead of the whole photo (SeFi-IDE-style face-wise attention "
+        "loss). mask: the share of the identity token's cross-attention outside the face mask is penalised. "
+        "reference: its attention maps are pulled towards those of a class word (e.g. 'person') on the same noisy "
+        "image. Connect the output to Train Identity Token's face_loss."
+    )
+    RETURN_TYPES = (FACE_LOSS,)
+    RETURN_NAMES = ("face_loss",)
+    FUNCTION = "make"
+    CATEGORY = CATEGORY
+    INPUT_IS_LIST = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        """Sockets and widgets."""
+        return {
+            "required": {
+                "mode": (list(FACE_LOSS_MODES), {"default": "mask", "tooltip": (
+                    "mask: keep the identity's attention inside the face mask (needs a mask: Face Crop's, or one you "
+                    "draw). reference: match its attention maps to the class word's in a reference prompt (no mask)."
+                )}),
+                "weight": ("FLOAT", {"default": DEFAULT_WEIGHT, "min": 0.0, "max": 10.0, "step": 0.001, "tooltip": (
+                    f"How strongly the loss counts next to the diffusion loss; {DEFAULT_WEIGHT} is SeFi-IDE's. Larger "
+                    "values hold the attention on the face harder but can cost likeness."
+                )}),
+                "layers": (list(LAYER_CHOICES), {"default": "default", "tooltip": (
+                    "default: the cross-attention layers at a quarter of the latent's size (16x16 at 512 px for SD1.x, "
+                    "32x32 at 1024 px for SDXL). all: every cross-attention layer (slower)."
+                )}),
+                "reference_word": ("STRING", {"default": DEFAULT_REFERENCE_WORD, "tooltip": (
+                    "reference mode: the one-token class word put where the identity is, e.g. person, man, woman."
+                )}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": (
+                    "mask mode: where the face is in each training photo (Face Crop's masks, or hand-drawn with the "
+                    "mask editor); one mask for all photos or one per photo, each the size of its photo. Without it "
+                    "Train Identity Token's own mask is used."
+                )}),
+            },
+        }
+
+    def make(self, mode: list, weight: list, layers: list, reference_word: list, mask: list | None = None) -> tuple:
+        """Check the setting now, so a bad weight or word fails before training starts."""
+        setting = FaceLoss(
+            mode=str(_first(mode)), weight=float(_first(weight)), layers=str(_first(layers)),
+            reference_word=str(_first(reference_word)).strip(),
+        ).check()
+        masks = tuple(m for m in (mask or []) if m is not None)
+        return (FaceLossInput(setting, masks),)
+
+
 class FaceSimilarity:
     """Scores how much generated images look like the reference photos, with dlib's offline face-identity network."""
 
@@ -138,5 +207,6 @@ class FaceSimilarity:
 
 NODE_CLASSES = {
     "IdentityTokens_FaceCrop": (FaceCrop, "Face Crop"),
+    "IdentityTokens_FaceAttentionLoss": (FaceAttentionLoss, "Face Attention Loss"),
     "IdentityTokens_FaceSimilarity": (FaceSimilarity, "Face Similarity"),
 }

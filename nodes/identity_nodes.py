@@ -13,14 +13,19 @@ from ..core import __version__
 from ..core.cross_init import initial_rows
 from ..core.errors import InputError
 from ..core.formats import load_identity, save_identity
-from ..core.identity import Identity
+from ..core.heatmap import attention_picture
+from ..core.identity import Identity, plain_export
 from ..core.images import fit_photos
 from ..core.memory import MEMORY_MODES
 from ..core.models import native_resolution
 from ..core.plot import loss_curve_png
+from ..core.sefi import check_face_masks
+from ..core.stages import DEFAULT_STAGES
 from ..core.trainer import OUT_OF_MEMORY, Trainer, preset_config
 from .comfy_backend import comfy_model, encode_training_latents, load_models, trainable
-from .conditioning import encode_with_identities
+from .conditioning import encode_stage_contexts, encode_with_identities
+from .face_nodes import FACE_LOSS
+from .stage_patch import staged_model
 
 CATEGORY = "identity_tokens"
 IDENTITY = "IDENTITY"  # payload: core.identity.Identity (rows per encoder key, (n, width) float32, plus metadata)
@@ -28,6 +33,7 @@ PRESETS = {"Cross-Init": "cross_init", "Cross-Init fast": "cross_init_fast", "Te
 INIT_METHODS = {"celebrity names": "celebrity", "init words": "words", "plain word": "word"}
 NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 IDENTITY_FILE_SUFFIXES = (".safetensors", ".pt", ".bin")
+STAGED_SUFFIX = ".sefi"  # per-stage identities are saved as NAME.sefi.safetensors, so stock embedding:NAME never finds one
 
 
 def _first(value: object) -> object:
@@ -37,7 +43,8 @@ def _first(value: object) -> object:
 
 def _normal(identity: Identity) -> Identity:
     """The identity with ordinary tensors: rows made under ComfyUI's inference mode cannot be saved for backward."""
-    return Identity({k: v.detach().clone() for k, v in identity.rows.items()}, dict(identity.metadata))
+    stages = None if identity.stages is None else {k: v.detach().clone() for k, v in identity.stages.items()}
+    return Identity({k: v.detach().clone() for k, v in identity.rows.items()}, dict(identity.metadata), stages)
 
 
 def _image_tensor(picture: object) -> torch.Tensor:
@@ -124,8 +131,15 @@ class TrainIdentityToken:
         "Trains an identity (a few token vectors) from photos of one person or object with the checkpoint already "
         "loaded. The model is not changed. Cancel stops it within a step and returns nothing."
     )
-    RETURN_TYPES = (IDENTITY, "IMAGE")
-    RETURN_NAMES = ("identity", "loss_curve")
+    RETURN_TYPES = (IDENTITY, "IMAGE", "IMAGE")
+    RETURN_NAMES = ("identity", "loss_curve", "attention")
+    OUTPUT_TOOLTIPS = (
+        "The learned identity: save it, or use it in Apply Identity.",
+        "The loss per step.",
+        "Where the identity token looks in each training photo at the start and at the end of training (bright = "
+        "more attention); with a face mask, the share inside it. On the face is good; all over the photo means it "
+        "learns the background too (try Face Attention Loss).",
+    )
     FUNCTION = "train"
     CATEGORY = CATEGORY
     INPUT_IS_LIST = True
@@ -181,6 +195,17 @@ class TrainIdentityToken:
                     "torch.compile the UNet: faster steps on a GPU after a one-time compile of tens of seconds (logged "
                     "apart). Falls back to the normal UNet with a warning if compiling fails. Off by default."
                 )}),
+                "face_loss": (FACE_LOSS, {"tooltip": (
+                    "Optional: a Face Attention Loss, so the identity token attends to the face, not the background."
+                )}),
+                "per_stage": ("BOOLEAN", {"default": False, "tooltip": (
+                    "SeFi-IDE-style per-stage tokens: one key and one value token per denoising stage. Sample with "
+                    "Apply Identity's MODEL output; Export Plain Identity makes a (lossy) file for other tools."
+                )}),
+                "stages": ("INT", {"default": DEFAULT_STAGES, "min": 1, "max": 50, "tooltip": (
+                    f"per_stage: how many stages split the timesteps (stage = floor(t*S/1000)); {DEFAULT_STAGES} is "
+                    "SeFi-IDE's. It must not exceed the steps."
+                )}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -188,7 +213,8 @@ class TrainIdentityToken:
     def train(self, model: list, clip: list, vae: list, images: list, preset: list, steps: list,
               learning_rate: list, batch_size: list, reg_weight: list, seed: list, resolution: list,
               mask: list | None = None, init: list | None = None, memory: list | None = None,
-              compile: list | None = None, unique_id: list | None = None) -> tuple:
+              compile: list | None = None, face_loss: list | None = None, per_stage: list | None = None,
+              stages: list | None = None, unique_id: list | None = None) -> tuple:
         """Run the core trainer on the graph's models; a Cancel raises ComfyUI's interrupt and returns nothing."""
         import comfy.model_management as mm
 
@@ -199,18 +225,23 @@ class TrainIdentityToken:
         size = int(_first(resolution)) or native_resolution(core_model.family, core_model.denoiser.prediction_type)
         photos = [batch.movedim(-1, 1).float() * 2 - 1 for batch in images or []]
         pixels, masks = fit_photos(photos, size, mask)
+        face = _first(face_loss) if face_loss else None
+        face_masks = fit_photos(photos, size, list(face.masks))[1] if face is not None and face.masks else masks
+        if face is not None and face.setting.mode == "mask":  # before the photos are encoded: no wasted work
+            check_face_masks(face_masks, pixels.shape[0])
         reg = float(_first(reg_weight))
         config = preset_config(
             PRESETS[name], steps=int(_first(steps)) or None, learning_rate=float(_first(learning_rate)) or None,
             batch_size=int(_first(batch_size)) or None, reg_weight=None if reg < 0 else reg,
             seed=int(_first(seed)), resolution=size, memory=_first(memory) if memory else None,
-            compile=bool(_first(compile)) if compile else None,
+            compile=bool(_first(compile)) if compile else None, face_loss=None if face is None else face.setting,
+            stages=int(_first(stages)) if per_stage and bool(_first(per_stage)) else None,
         )
         start = _normal(_first(init)) if init and _first(init) is not None else None
         progress = _Progress(config.steps, _first(unique_id))
         latents = encode_training_latents(core_model, pixels, config.flip_p > 0)  # VAE first: it cannot evict the UNet
         with trainable(_first(model), _first(clip)):
-            trainer = Trainer(core_model, pixels, config, init=start, masks=masks, latents=latents)
+            trainer = Trainer(core_model, pixels, config, init=start, masks=masks, latents=latents, face_masks=face_masks)
             result = trainer.run(on_step=progress, should_stop=mm.processing_interrupted)
         if result.stopped == "cancelled":
             raise mm.InterruptProcessingException()
@@ -222,7 +253,7 @@ class TrainIdentityToken:
         if result.stopped:
             raise RuntimeError(f"training stopped: {result.stopped}; lower learning_rate or check the photos and model")
         curve = loss_curve_png(result.losses, title=f"identity loss ({name}, {len(result.losses)} steps)")
-        return (result.identity, _image_tensor(curve))
+        return (result.identity, _image_tensor(curve), _image_tensor(attention_picture(pixels, result.attention)))
 
 
 class _Progress:
@@ -257,9 +288,16 @@ class ApplyIdentity:
 
     DESCRIPTION = (
         "Encodes a prompt like CLIP Text Encode, with each identity's vectors where its trigger word is. "
-        "Prompt weights such as (alice:1.2) work; the result equals stock 'embedding:NAME' for a saved identity."
+        "Prompt weights such as (alice:1.2) work; the result equals stock 'embedding:NAME' for a saved identity. "
+        "A per-stage identity also needs the MODEL: sample with the MODEL output, which swaps its key and value "
+        "tokens by denoising stage."
     )
-    RETURN_TYPES = ("CONDITIONING",)
+    RETURN_TYPES = ("CONDITIONING", "MODEL")
+    OUTPUT_TOOLTIPS = (
+        "The prompt for a sampler's positive input.",
+        "The MODEL to sample with: patched for per-stage identities (keys and values by stage, positive prompt only); "
+        "the MODEL you connected, unchanged, when no identity is per-stage.",
+    )
     FUNCTION = "apply"
     CATEGORY = CATEGORY
 
@@ -281,12 +319,17 @@ class ApplyIdentity:
                 "trigger_2": ("STRING", {"default": "", "tooltip": trigger_tip}),
                 "identity_3": (IDENTITY, {"tooltip": "A third identity for the same prompt."}),
                 "trigger_3": ("STRING", {"default": "", "tooltip": trigger_tip}),
+                "model": ("MODEL", {"tooltip": (
+                    "The MODEL you sample with. Needed for per-stage identities (trained with per_stage on); then "
+                    "sample with this node's MODEL output."
+                )}),
             },
         }
 
     def apply(self, clip: object, text: str, identity: Identity, trigger: str, identity_2: Identity | None = None,
-              trigger_2: str = "", identity_3: Identity | None = None, trigger_3: str = "") -> tuple[list]:
-        """Encode the prompt with the identities spliced in at their trigger words."""
+              trigger_2: str = "", identity_3: Identity | None = None, trigger_3: str = "",
+              model: object | None = None) -> tuple[list, object]:
+        """Encode the prompt with the identities spliced in at their trigger words; patch the MODEL for stages."""
         pairs = []
         for ident, word, label in ((identity, trigger, "identity"), (identity_2, trigger_2, "identity_2"),
                                    (identity_3, trigger_3, "identity_3")):
@@ -295,7 +338,25 @@ class ApplyIdentity:
                     raise InputError(f"{label}: its trigger '{word.strip()}' is set but no {label} is connected")
                 continue
             pairs.append((ident, word.strip() or ident.metadata.get("token", "<identity>"), label))
-        return (encode_with_identities(clip, text, pairs),)
+        conditioning = encode_with_identities(clip, text, pairs)
+        staged = [(ident, label) for ident, _, label in pairs if ident.is_staged]
+        if not staged:
+            return (conditioning, model)
+        if model is None:
+            raise InputError(
+                f"{staged[0][1]}: it is a per-stage identity, whose key and value tokens work only through Apply "
+                "Identity's MODEL patch; connect your MODEL to Apply Identity's model input and sample with its MODEL "
+                "output (or make a plain, lossy identity with Export Plain Identity)"
+            )
+        schedule = staged[0][0].schedule
+        for ident, label in staged[1:]:
+            if ident.schedule != schedule:
+                raise InputError(
+                    f"{label}: its stages ({ident.schedule.text()}) differ from {staged[0][1]}'s ({schedule.text()}); "
+                    "one prompt can only follow one stage schedule, so use identities trained with the same stages"
+                )
+        contexts = encode_stage_contexts(clip, text, pairs, [ident.stages for ident, _, _ in pairs])
+        return (conditioning, staged_model(model, conditioning[0][0], contexts, schedule))
 
 
 def check_save_name(name: str) -> str:
@@ -340,16 +401,43 @@ class SaveIdentity:
         """Write the file atomically; an existing name without overwrite is an error and the file is kept."""
         import folder_paths
 
-        stem = check_save_name(name)
+        stem = check_save_name(name).removesuffix(STAGED_SUFFIX)
         folder = Path(folder_paths.get_folder_paths("embeddings")[0])
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{stem}.safetensors"
+        path = folder / f"{stem}{STAGED_SUFFIX if identity.is_staged else ''}.safetensors"
         if path.exists() and not overwrite:
             raise InputError(
                 f"name: {path.name} already exists in {folder}; choose another name or turn on overwrite"
             )
         save_identity(identity, path, token=stem, overwrite=bool(overwrite))
+        if identity.is_staged:
+            note = (f"{path} (per-stage: use it through Load Identity and Apply Identity's MODEL; Export Plain "
+                    "Identity makes an embedding:NAME file, lossy)")
+            return {"ui": {"text": [note]}}
         return {"ui": {"text": [str(path)]}}
+
+
+class ExportPlainIdentity:
+    """A plain identity (one vector per token) from a per-stage one, for stock loaders: lossy, and labelled so."""
+
+    DESCRIPTION = (
+        "Turns a per-stage (SeFi-IDE-style) identity into a plain one that stock CLIP Text Encode (embedding:NAME), "
+        "A1111 and diffusers load. Lossy: only the middle stage's value token is kept, with no key/value split and no "
+        "stages; the file's metadata says lossy = true."
+    )
+    RETURN_TYPES = (IDENTITY,)
+    RETURN_NAMES = ("identity",)
+    FUNCTION = "export"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        """One socket."""
+        return {"required": {"identity": (IDENTITY, {"tooltip": "A per-stage identity (trained with per_stage on)."})}}
+
+    def export(self, identity: Identity) -> tuple[Identity]:
+        """The middle stage's value rows as a plain identity."""
+        return (plain_export(identity),)
 
 
 class LoadIdentity:
@@ -389,7 +477,7 @@ class LoadIdentity:
             raise InputError(f"name: '{name}' is not in models/embeddings; pick a file from the list (R refreshes it)")
         identity = load_identity(Path(path))
         stem = Path(name).name.rsplit(".", 1)[0]
-        return (Identity(identity.rows, {**identity.metadata, "token": stem}),)
+        return (Identity(identity.rows, {**identity.metadata, "token": stem.removesuffix(STAGED_SUFFIX)}, identity.stages),)
 
 
 NODE_CLASSES = {
@@ -399,4 +487,5 @@ NODE_CLASSES = {
     "IdentityTokens_ApplyIdentity": (ApplyIdentity, "Apply Identity"),
     "IdentityTokens_SaveIdentity": (SaveIdentity, "Save Identity"),
     "IdentityTokens_LoadIdentity": (LoadIdentity, "Load Identity"),
+    "IdentityTokens_ExportPlainIdentity": (ExportPlainIdentity, "Export Plain Identity (lossy)"),
 }

@@ -74,7 +74,7 @@ def _stock(clip: object, text: str) -> tuple[torch.Tensor, torch.Tensor]:
 def _apply(clip: object, text: str, identity: Identity, trigger: str = "", **more: object) -> tuple[torch.Tensor, ...]:
     """Run the Apply Identity node as the executor would; return (cond, pooled) of its single CONDITIONING entry."""
     with torch.inference_mode():
-        (conditioning,) = ApplyIdentity().apply(clip, text, identity, trigger, **more)
+        conditioning, _ = ApplyIdentity().apply(clip, text, identity, trigger, **more)
     assert isinstance(conditioning, list) and len(conditioning) == 1
     cond, extra = conditioning[0]
     return cond, extra["pooled_output"]
@@ -149,7 +149,8 @@ def _train(tiny: TinyComfy, images: list[torch.Tensor], **overrides: object) -> 
     values.update(overrides)
     lists = {key: value if isinstance(value, list) else [value] for key, value in values.items()}
     with torch.inference_mode():
-        return TrainIdentityToken().train(images=images, **lists)
+        identity, curve, _attention = TrainIdentityToken().train(images=images, **lists)
+    return identity, curve
 
 
 def _photos(count: int = 2, size: int = 64, seed: int = 0, width: int | None = None) -> torch.Tensor:

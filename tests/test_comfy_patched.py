@@ -377,7 +377,7 @@ def test_training_keeps_the_unet_loaded_between_steps(fresh_comfy_tiny: TinyFact
     values = {"model": patched, "clip": tiny.clip, "vae": tiny.vae, "preset": "Cross-Init fast", "steps": 3,
               "learning_rate": 0.0, "batch_size": 2, "reg_weight": -1.0, "seed": 0, "resolution": 64}
     with torch.inference_mode():
-        identity, _ = identity_nodes.TrainIdentityToken().train(
+        identity, *_ = identity_nodes.TrainIdentityToken().train(
             images=[torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1))],
             **{k: [v] for k, v in values.items()},
         )

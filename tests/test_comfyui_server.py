@@ -28,6 +28,9 @@ NODE_IDS = {
     "IdentityTokens_SaveIdentity",
     "IdentityTokens_LoadIdentity",
     "IdentityTokens_FaceCrop",
+    "IdentityTokens_FaceAttentionLoss",
+    "IdentityTokens_FaceSimilarity",
+    "IdentityTokens_ExportPlainIdentity",
 }
 TRAIN, SAVE, LOSS_PREVIEW, SAVE_IMAGE = "3", "4", "5", "11"  # node ids in train_save_sample.api.json
 PHOTO_LOADERS, COLLECT = ("2", "13", "14"), "15"  # its three Load Image nodes and their Collect Photos
@@ -121,7 +124,8 @@ def test_nodes_registered_with_tooltips(comfy_server: ComfyServer) -> None:
                 options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
                 assert str(options.get("tooltip", "")).strip(), f"{node_id}.{input_name} has no tooltip"
     assert info["IdentityTokens_SaveIdentity"]["output_node"] is True
-    assert info["IdentityTokens_TrainIdentityToken"]["output"] == ["IDENTITY", "IMAGE"]
+    assert info["IdentityTokens_TrainIdentityToken"]["output"] == ["IDENTITY", "IMAGE", "IMAGE"]
+    assert info["IdentityTokens_ApplyIdentity"]["output"] == ["CONDITIONING", "MODEL"]
     assert info["IdentityTokens_TrainIdentityToken"]["input"]["required"]["resolution"][1]["default"] == 0
     collect = info["IdentityTokens_CollectPhotos"]
     assert collect["output"] == ["IMAGE"] and collect["output_is_list"] == [True], collect

@@ -33,6 +33,18 @@ USER_VALUES: dict[str, dict[str, dict[str, Any]]] = {
         "9": {"steps": 20},
         "11": {"filename_prefix": "identity_tokens"},
     },
+    "face_identity": {
+        "1": {"ckpt_name": CHECKPOINT},
+        "2": {"image": "photo_1.jpg"},
+        "3": {"image": "photo_2.jpg"},
+        "4": {"image": "photo_3.jpg"},
+        "6": {"size": 512},  # the training resolution; CI trains the tiny model at 64
+        "8": {"preset": "Cross-Init", "steps": 0, "batch_size": 8, "resolution": 0},
+        "11": {"name": "my-face"},
+        "14": {"width": 512, "height": 512},
+        "15": {"steps": 20},
+        "17": {"filename_prefix": "identity_tokens_face"},
+    },
     "two_identities": {
         "1": {"ckpt_name": CHECKPOINT},
         "6": {"width": 512, "height": 512},
