@@ -1,4 +1,5 @@
-"""Command line: `train` makes an identity file from photos, `inspect` describes one, `score` measures likeness."""
+"""Command line: `train` makes an identity file from photos, `inspect` describes one, `score` measures likeness,
+`export` writes a plain copy of a per-stage identity."""
 
 from __future__ import annotations
 
@@ -14,6 +15,16 @@ import torch
 from PIL import Image
 
 from .errors import InputError
+from .face_cli import (
+    FACE_CROP_SIZE,
+    add_export_parser,
+    add_face_arguments,
+    check_face_arguments,
+    crop_pictures,
+    face_loss_setting,
+    masks_at,
+    run_export,
+)
 from .identity import Identity
 from .memory import MEMORY_MODES
 from .models import PREDICTION_TYPES
@@ -34,6 +45,7 @@ class TrainPlan:
     device: torch.device
     pictures: list[Image.Image]
     start: Identity | None
+    face_masks: torch.Tensor | None = None  # (N, 1, S, S) soft face masks of the --face-crop crops
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -100,6 +112,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--legacy-pt", action="store_true", help="also write an A1111-style .pt beside the file")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_face_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     add_score_parser(sub)
+    add_export_parser(sub)
     p = sub.add_parser("inspect", help="describe an identity file")
     p.add_argument("file", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -128,7 +142,7 @@ def _output_paths(args: argparse.Namespace) -> dict[str, Path]:
         raise InputError(
             f"--out: cannot create folder {out.parent} ({error.strerror}); choose a writable folder"
         ) from None
-    paths = {"identity": out, "curve": out.with_suffix(".loss.png")}
+    paths = {"identity": out, "curve": out.with_suffix(".loss.png"), "attention": out.with_suffix(".attention.png")}
     if args.legacy_pt:
         paths["legacy"] = out.with_suffix(".pt")
     for path in paths.values():
@@ -188,17 +202,22 @@ def plan_train(args: argparse.Namespace) -> TrainPlan:
     from .models import check_model_spec, resolve_device
 
     _check_options(args)
+    check_face_arguments(args)
     paths = _output_paths(args)
     token = _token(args)
     device = resolve_device(args.device)
     check_model_spec(args.model)
-    pictures = [load_image(path) for path in list_image_paths(_image_sources(args.images))]
+    image_paths = list_image_paths(_image_sources(args.images))
+    pictures = [load_image(path) for path in image_paths]
+    face_masks = None
+    if args.face_crop:
+        pictures, face_masks = crop_pictures(pictures, [p.name for p in image_paths], args.resolution or FACE_CROP_SIZE)
     start = None
     if args.init_from is not None:
         from .formats import load_identity
 
         start = load_identity(args.init_from)
-    return TrainPlan(paths, token, device, pictures, start)
+    return TrainPlan(paths, token, device, pictures, start, face_masks)
 
 
 def _image_sources(values: Sequence[str]) -> list[Path]:
@@ -208,15 +227,17 @@ def _image_sources(values: Sequence[str]) -> list[Path]:
     return [sample_photo_path() if v == "sample" else Path(v) for v in values]
 
 
-def _save(result: TrainResult, args: argparse.Namespace, paths: dict[str, Path], token: str) -> list[Path]:
+def _save(result: TrainResult, args: argparse.Namespace, paths: dict[str, Path], token: str,
+          images: torch.Tensor | None = None) -> list[Path]:
     """Write the identity (or its partial rows), its loss curve and the optional .pt; a failed write keeps the rows."""
     from .formats import save_a1111_pt
     from .plot import loss_curve_png
 
-    identity_path, curve_path = paths["identity"], paths["curve"]
+    identity_path, curve_path, attention_path = paths["identity"], paths["curve"], paths["attention"]
     if result.stopped:  # a partial run's files sit together, apart from any finished run's
         identity_path = identity_path.with_name(identity_path.stem + ".partial.safetensors")
         curve_path = curve_path.with_name(identity_path.stem + ".loss.png")
+        attention_path = attention_path.with_name(identity_path.stem + ".attention.png")
     written = [_save_rows(result, identity_path, token, args.overwrite)]
     title = f"{token}: loss per step" + (f" (stopped: {result.stopped})" if result.stopped else "")
     try:
@@ -224,6 +245,14 @@ def _save(result: TrainResult, args: argparse.Namespace, paths: dict[str, Path],
         written.append(curve_path)
     except OSError as error:
         log.warning("could not write the loss chart %s (%s); the identity is saved", curve_path, error.strerror or error)
+    if result.attention is not None and images is not None:
+        from .heatmap import attention_picture, save_attention_png
+
+        try:
+            save_attention_png(attention_picture(images, result.attention), attention_path)
+            written.append(attention_path)
+        except OSError as error:
+            log.warning("could not write the attention heatmap %s (%s)", attention_path, error.strerror or error)
     if "legacy" in paths and not result.stopped:
         written.append(
             save_a1111_pt(result.identity, paths["legacy"], name=token.strip("<>"), overwrite=args.overwrite)
@@ -291,10 +320,12 @@ def run_train(args: argparse.Namespace) -> int:
         resolution=resolution,
         seed=args.seed,
         flip_p=0.0 if args.no_flip else None,
+        face_loss=face_loss_setting(args),
+        stages=args.stages,
     )
     images = images_to_tensor(plan.pictures, resolution)
     try:
-        trainer = Trainer(model, images, config, init=plan.start)
+        trainer = Trainer(model, images, config, init=plan.start, face_masks=masks_at(plan.face_masks, resolution))
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise
@@ -315,7 +346,7 @@ def run_train(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{loss:.4f}")
 
         result = trainer.run(on_step=on_step)
-    written = _save(result, args, plan.paths, plan.token)
+    written = _save(result, args, plan.paths, plan.token, images)
     for path in written:
         print(f"wrote {path}")
     return _report_stop(result, trainer.steps_done, written[0], config.batch_size, resolution)
@@ -341,6 +372,13 @@ def _report_stop(result: TrainResult, steps_done: int, saved: Path, batch_size: 
             file=sys.stderr,
         )
         return EXIT_STOPPED
+    if result.identity.is_staged:
+        print(
+            f"a per-stage identity: in ComfyUI load it with Load Identity (copy it into models/embeddings as "
+            f"{saved.stem}.sefi.safetensors) and sample with Apply Identity's MODEL; for other tools run "
+            f"'export {saved} --out {saved.with_name(saved.stem + '-plain.safetensors')}' (lossy)"
+        )
+        return 0
     print(f"use it in ComfyUI as 'embedding:{saved.stem}' after copying it into models/embeddings")
     return 0
 
@@ -354,6 +392,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     print(f"{info['path']}: {info['layout']} layout, {info['file_size']} bytes, {info['n_tokens']} token(s)")
+    print(f"  {info['kind']}")
     for key in info["encoders"]:
         norms = ", ".join(f"{n:.3f}" for n in info["row_norms"][key])
         print(f"  {key}: width {info['widths'][key]}, row norms [{norms}]")
@@ -382,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_notes()
     try:
-        return {"train": run_train, "inspect": run_inspect, "score": run_score}[args.command](args)
+        return {"train": run_train, "inspect": run_inspect, "score": run_score, "export": run_export}[args.command](args)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_INPUT
