@@ -112,5 +112,5 @@ def run_export(args: argparse.Namespace) -> int:
     plain = plain_export(identity)
     written = save_identity(plain, args.out, token=args.out.stem, overwrite=args.overwrite)
     print(f"wrote {written} (lossy: the middle stage's value token only)")
-    print(f"use it in ComfyUI as 'embedding:{written.stem}' after copying it into models/embeddings", file=sys.stderr)
+    print(f"use it in ComfyUI as 'embedding:{written.stem}' after copying it into models/embeddings")
     return 0
