@@ -12,6 +12,19 @@ DEFAULT_STAGES = 5  # SeFi-IDE's five per-stage token pairs (METHODS.md 3.1)
 STAGE_RULE = "floor(t*S/T)"  # ProSpect's rule, T the training timesteps (1000): stage 0 is the least noisy
 
 
+def check_stage_count(stages: int | None, steps: int) -> None:
+    """A per-stage run needs at least one stage and no more stages than steps (None: a plain identity)."""
+    if stages is None:
+        return
+    if int(stages) < 1:
+        raise InputError(f"stages: got {stages}; use 1 or more stages ({DEFAULT_STAGES} is SeFi-IDE's), or none")
+    if int(stages) > steps:
+        raise InputError(
+            f"stages: {stages} stages but only {steps} steps, so some stages would never train; use at most {steps} "
+            "stages or more steps"
+        )
+
+
 @dataclass(frozen=True)
 class StageSchedule:
     """S stages as S+1 increasing timestep bounds from 0 to T: stage i serves timesteps bounds[i] .. bounds[i+1]-1."""

@@ -29,7 +29,7 @@ from .sefi import (
     check_reference_word,
     recorder_for,
 )
-from .stages import StageSchedule
+from .stages import StageSchedule, check_stage_count
 from .templates import training_prompts
 
 
@@ -308,14 +308,7 @@ class Trainer:
             cfg.face_loss.check()
             if cfg.face_loss.mode == "reference":
                 check_reference_word(self.model, cfg.face_loss.reference_word)
-        if cfg.stages is not None:
-            if int(cfg.stages) < 1:
-                raise InputError(f"stages: got {cfg.stages}; use 1 or more stages (5 is SeFi-IDE's), or none")
-            if int(cfg.stages) > cfg.steps:
-                raise InputError(
-                    f"stages: {cfg.stages} stages but only {cfg.steps} steps, so some stages would never train; use at "
-                    f"most {cfg.steps} stages or more steps"
-                )
+        check_stage_count(cfg.stages, cfg.steps)
         for enc in self.model.encoders:
             if enc.in_vocabulary(cfg.token):
                 raise InputError(

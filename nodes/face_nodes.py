@@ -15,6 +15,8 @@ from ..core.likeness import score_likeness
 from ..core.sefi import DEFAULT_REFERENCE_WORD, DEFAULT_WEIGHT, FACE_LOSS_MODES, FaceLoss
 
 CATEGORY = "identity_tokens"
+# core.sefi's input names -> Face Attention Loss's sockets, so an error names the widget to change
+SOCKETS = {"face loss weight": "weight", "face loss layers": "layers", "face loss": "mode", "reference word": "reference_word"}
 FACE_LOSS = "FACE_LOSS"  # payload: FaceLossInput (a core.sefi.FaceLoss and, optionally, face masks as given)
 
 
@@ -151,7 +153,12 @@ class FaceAttentionLoss:
         setting = FaceLoss(
             mode=str(_first(mode)), weight=float(_first(weight)), layers=str(_first(layers)),
             reference_word=str(_first(reference_word)).strip(),
-        ).check()
+        )
+        try:
+            setting.check()
+        except InputError as error:
+            name, _, rest = str(error).partition(":")
+            raise InputError(f"{SOCKETS.get(name, name)}:{rest}") from None
         masks = tuple(m for m in (mask or []) if m is not None)
         return (FaceLossInput(setting, masks),)
 

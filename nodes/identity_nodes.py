@@ -20,7 +20,7 @@ from ..core.memory import MEMORY_MODES
 from ..core.models import native_resolution
 from ..core.plot import loss_curve_png
 from ..core.sefi import check_face_masks
-from ..core.stages import DEFAULT_STAGES
+from ..core.stages import DEFAULT_STAGES, check_stage_count
 from ..core.trainer import OUT_OF_MEMORY, Trainer, preset_config
 from .comfy_backend import comfy_model, encode_training_latents, load_models, trainable
 from .conditioning import encode_stage_contexts, encode_with_identities
@@ -226,7 +226,19 @@ class TrainIdentityToken:
         photos = [batch.movedim(-1, 1).float() * 2 - 1 for batch in images or []]
         pixels, masks = fit_photos(photos, size, mask)
         face = _first(face_loss) if face_loss else None
-        face_masks = fit_photos(photos, size, list(face.masks))[1] if face is not None and face.masks else masks
+        face_masks = masks
+        if face is not None and face.masks:
+            singles = [m for batch in face.masks for m in batch.reshape(-1, *batch.shape[-2:])]
+            for number, single in enumerate(singles, start=1):
+                if not float(single.float().max()) > 0:
+                    raise InputError(
+                        f"face_loss: Face Attention Loss's mask {number} is empty (all zero), so it shows no face; "
+                        "connect Face Crop's masks or draw the face with the mask editor"
+                    )
+            try:
+                face_masks = fit_photos(photos, size, list(face.masks))[1]
+            except InputError as error:
+                raise InputError(f"face_loss: Face Attention Loss's {error}") from None
         if face is not None and face.setting.mode == "mask":  # before the photos are encoded: no wasted work
             check_face_masks(face_masks, pixels.shape[0])
         reg = float(_first(reg_weight))
@@ -237,6 +249,7 @@ class TrainIdentityToken:
             compile=bool(_first(compile)) if compile else None, face_loss=None if face is None else face.setting,
             stages=int(_first(stages)) if per_stage and bool(_first(per_stage)) else None,
         )
+        check_stage_count(config.stages, config.steps)  # before the photos are encoded
         start = _normal(_first(init)) if init and _first(init) is not None else None
         progress = _Progress(config.steps, _first(unique_id))
         latents = encode_training_latents(core_model, pixels, config.flip_p > 0)  # VAE first: it cannot evict the UNet
