@@ -50,4 +50,4 @@ def images() -> torch.Tensor:
 
 
 from tests.conftest_comfy import comfy_server  # noqa: E402, F401  (one ComfyUI server per session)
-from tests.conftest_comfy_tiny import comfy_embeddings, comfy_tiny, fresh_comfy_tiny  # noqa: E402, F401
+from tests.conftest_comfy_tiny import comfy_embeddings, comfy_tiny, embeddings, fresh_comfy_tiny  # noqa: E402, F401

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,22 @@ def comfy_tiny(comfy_embeddings: Path) -> TinyFactory:
 def fresh_comfy_tiny(comfy_embeddings: Path) -> TinyFactory:
     """fresh_comfy_tiny(family): a newly built tiny model whose ComfyUI weights are still inference tensors."""
     return lambda family: build(family, comfy_embeddings)
+
+
+@pytest.fixture()
+def embeddings(comfy_embeddings: Path) -> Iterator[Path]:
+    """folder_paths' embeddings folder pointed at a new folder inside the one the tiny CLIPs' tokenizers search."""
+    import folder_paths  # ComfyUI is importable once the tiny models are built (comfy_ready)
+
+    folder = Path(tempfile.mkdtemp(dir=comfy_embeddings))
+    saved = folder_paths.folder_names_and_paths.get("embeddings")
+    folder_paths.folder_names_and_paths["embeddings"] = ([str(folder)], folder_paths.supported_pt_extensions)
+    folder_paths.filename_list_cache.pop("embeddings", None)
+    try:
+        yield folder
+    finally:
+        if saved is None:
+            folder_paths.folder_names_and_paths.pop("embeddings", None)
+        else:
+            folder_paths.folder_names_and_paths["embeddings"] = saved
+        folder_paths.filename_list_cache.pop("embeddings", None)

@@ -7,7 +7,6 @@ are InputErrors naming the input; Cancel raises ComfyUI's interrupt; training le
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import comfy.model_base  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.utils  # noqa: E402
-import folder_paths  # noqa: E402
 from identity_tokens.core.errors import InputError  # noqa: E402
 from identity_tokens.core.identity import Identity  # noqa: E402
 from identity_tokens.core.trainer import Trainer, TrainResult  # noqa: E402
@@ -39,23 +37,6 @@ from identity_tokens.nodes.identity_nodes import (  # noqa: E402
 )
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-
-
-@pytest.fixture()
-def embeddings(comfy_embeddings: Path) -> Iterator[Path]:
-    """folder_paths' embeddings folder pointed at a new folder inside the one the tiny CLIPs' tokenizers search."""
-    folder = Path(tempfile.mkdtemp(dir=comfy_embeddings))
-    saved = folder_paths.folder_names_and_paths.get("embeddings")
-    folder_paths.folder_names_and_paths["embeddings"] = ([str(folder)], folder_paths.supported_pt_extensions)
-    folder_paths.filename_list_cache.pop("embeddings", None)
-    try:
-        yield folder
-    finally:
-        if saved is None:
-            folder_paths.folder_names_and_paths.pop("embeddings", None)
-        else:
-            folder_paths.folder_names_and_paths["embeddings"] = saved
-        folder_paths.filename_list_cache.pop("embeddings", None)
 
 
 def _identity(tiny: TinyComfy, n: int = 2, seed: int = 0, token: str = "<identity>") -> Identity:

@@ -10,8 +10,6 @@ All on the tiny ComfyUI SD1 model of tests/comfy_tiny.py.
 from __future__ import annotations
 
 import math
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,6 @@ from tests.conftest_comfy_tiny import TinyFactory
 
 comfy_ready()  # 'identity_tokens', 'comfy' and 'folder_paths' importable from here on
 import comfy.model_patcher  # noqa: E402
-import folder_paths  # noqa: E402
 from identity_tokens.core.errors import InputError  # noqa: E402
 from identity_tokens.core.identity import Identity  # noqa: E402
 from identity_tokens.core.sefi import FaceLoss  # noqa: E402
@@ -134,23 +131,6 @@ def encoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(identity_nodes, "encode_training_latents", counting)
     return calls
-
-
-@pytest.fixture()
-def embeddings(comfy_embeddings: Path) -> Iterator[Path]:
-    """folder_paths' embeddings folder pointed at a new folder inside the one the tiny CLIPs' tokenizers search."""
-    folder = Path(tempfile.mkdtemp(dir=comfy_embeddings))
-    saved = folder_paths.folder_names_and_paths.get("embeddings")
-    folder_paths.folder_names_and_paths["embeddings"] = ([str(folder)], folder_paths.supported_pt_extensions)
-    folder_paths.filename_list_cache.pop("embeddings", None)
-    try:
-        yield folder
-    finally:
-        if saved is None:
-            folder_paths.folder_names_and_paths.pop("embeddings", None)
-        else:
-            folder_paths.folder_names_and_paths["embeddings"] = saved
-        folder_paths.filename_list_cache.pop("embeddings", None)
 
 
 @pytest.fixture(scope="module")
