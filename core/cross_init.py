@@ -73,7 +73,7 @@ def word_init(encoder: TextEncoder, word: str, n_tokens: int) -> torch.Tensor:
 def initial_rows(model: Model, method: str, n_tokens: int, init_text: str = "") -> dict[str, torch.Tensor]:
     """Initial rows for every encoder: method 'celebrity', 'words' (cross-init of words) or 'word' (plain TI)."""
     if method == "celebrity":
-        return {enc.key: celebrity_init(enc, n_tokens) for enc in model.encoders}
+        return {enc.key: celebrity_init(enc, n_tokens, model.celebrity_names) for enc in model.encoders}
     if method == "words":
         return {enc.key: word_cross_init(enc, init_text, n_tokens) for enc in model.encoders}
     if method == "word":

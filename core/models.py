@@ -10,7 +10,11 @@ from pathlib import Path
 import torch
 
 from .backends.diffusers import place_components
+from .cross_init import read_names
 from .errors import InputError
+from .lab.model import MODEL_FOLDER as LAB_FOLDER
+from .lab.model import NAMES_FILE as NAMES_FILE_NAME
+from .lab.model import is_lab_folder
 from .protocols import Model
 from .tiny import TINY_FAMILIES, model_from_components, tiny_components
 from .vocab import load_clip_tokenizer
@@ -19,6 +23,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}  # eps models; SD2 v-prediction (768-v) is 768
 SD2_V_RESOLUTION = 768
 TINY_RESOLUTION = 64
+LAB_NAME = "lab"  # the built-in lab model (core/lab): a diffusers folder the pack pretrains and ships
+LAB_RESOLUTION = 32
 
 
 DEVICE_RULE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -118,7 +124,13 @@ def load_diffusers_folder(folder: Path, device: torch.device, prediction_type: s
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
             folder, subfolder="text_encoder_2", **local
         )
-    return model_from_components(family, place_components(parts, device, compute_dtype(device)), name=folder.name)
+    model = model_from_components(family, place_components(parts, device, compute_dtype(device)), name=folder.name)
+    names_path = folder / NAMES_FILE_NAME
+    if names_path.is_file():
+        model.celebrity_names = tuple(read_names(names_path))
+    if is_lab_folder(folder):
+        model.name = LAB_NAME
+    return model
 
 
 def _overrides(prediction_type: str | None) -> dict[str, str]:
@@ -129,6 +141,13 @@ def _overrides(prediction_type: str | None) -> dict[str, str]:
 def check_model_spec(spec: str) -> None:
     """Refuse a --model that cannot load (unknown name, missing path, incomplete folder) before any weights are read."""
     if spec in TINY_FAMILIES:
+        return
+    if spec == LAB_NAME:
+        if not (LAB_FOLDER / "model_index.json").is_file():
+            raise InputError(
+                f"model: the lab model is not in {LAB_FOLDER}; reinstall the pack, or build it with "
+                "python -m core.lab.pretrain (see README, Likeness lab)"
+            )
         return
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -141,7 +160,7 @@ def check_model_spec(spec: str) -> None:
 
 
 def load_model(spec: str, device: torch.device | None = None, prediction_type: str | None = None) -> Model:
-    """A model from 'tiny' (or tiny-sd1/tiny-sd2/tiny-sdxl), a diffusers folder, or a .safetensors/.ckpt file.
+    """A model from 'tiny' (or tiny-sd1/tiny-sd2/tiny-sdxl), 'lab', a diffusers folder, or a .safetensors/.ckpt file.
 
     prediction_type (epsilon | v_prediction) overrides what the model's files say; None keeps (or detects) it.
     """
@@ -157,6 +176,8 @@ def load_model(spec: str, device: torch.device | None = None, prediction_type: s
         if prediction_type:
             parts["scheduler"] = type(parts["scheduler"]).from_config(parts["scheduler"].config, prediction_type=prediction_type)
         return model_from_components(family, place_components(parts, device, torch.float32), name=spec)
+    if spec == LAB_NAME:
+        path = LAB_FOLDER
     if path.is_dir():
         return load_diffusers_folder(path, device, prediction_type)
     from .checkpoint import load_single_file
@@ -172,7 +193,9 @@ def native_resolution(family: str, prediction_type: str = "epsilon") -> int:
 
 
 def default_resolution(model: Model) -> int:
-    """The resolution a model was trained at (tiny models: 64)."""
+    """The resolution a model was trained at (tiny models: 64, the lab model: 32)."""
     if model.name.startswith("tiny"):
         return TINY_RESOLUTION
+    if model.name == LAB_NAME:
+        return LAB_RESOLUTION
     return native_resolution(model.family, model.denoiser.prediction_type)

@@ -121,6 +121,9 @@ class Model:
     encoders: list[TextEncoder]
     denoiser: Denoiser
     name: str = ""
+    # The names Cross Initialization averages for this model; None: the pack's list of real celebrities. The lab
+    # model carries its own world's famous names (celebrity_names.txt in its folder).
+    celebrity_names: tuple[str, ...] | None = None
 
     def encoder(self, key: str) -> TextEncoder:
         """The text encoder with this identity key."""

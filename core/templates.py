@@ -45,10 +45,18 @@ def fill(template: str, slot_text: str) -> str:
     return template.replace("{}", slot_text, 1)
 
 
+TEMPLATE_KINDS = ("object", "face", "lab")
+
+
 def training_prompts(kind: str) -> tuple[str, ...]:
-    """Prompt templates for a training style: 'object' (Textual Inversion) or 'face' (Cross Initialization)."""
+    """Prompt templates for a training style: 'object' (Textual Inversion), 'face' (Cross Initialization) or 'lab'
+    (the lab world's own caption openings with the identity as the subject: "a photo of {}", ...)."""
     if kind == "object":
         return OBJECT_TEMPLATES
     if kind == "face":
         return tuple(fill(t, FACE_PHRASE) for t in OBJECT_TEMPLATES)
-    raise ValueError(f"templates: unknown kind '{kind}'; use 'object' or 'face'")
+    if kind == "lab":
+        from .lab.world import PREFIXES
+
+        return tuple(f"{prefix} {{}}" for prefix in PREFIXES)
+    raise ValueError(f"templates: unknown kind '{kind}'; use {', '.join(TEMPLATE_KINDS)}")

@@ -1,0 +1,147 @@
+"""The likeness lab's table: every method on held-out subjects of the lab world, scored by the lab's evaluator.
+
+    python -m benchmarks.likeness --subjects 8 --workers 2 --out benchmarks/results/likeness
+
+For each held-out subject (never seen in pretraining) and training seed, each method trains on the subject's 4
+reference pictures with its preset (templates: the world's caption openings), then generates 8 prompts (2 plain,
+6 edits) with 2 sampling seeds (DDIM 25 steps, guidance 4). Writes OUT.json (every row, the settings, the machine)
+and OUT.md (the table: mean and standard deviation over subjects x seeds, training seconds) and OUT.png (the first
+subject: references, then each method's pictures). Subjects are spread over --workers processes of one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_METHODS = ("class word", "TI 320", "Cross-Init 320", "Cross-Init fast 25")
+
+
+def _subject_rows(job: tuple[int, list[str], list[int], str]) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Every method on one subject (in a worker process): score rows and the pictures of training seed 0."""
+    index, method_names, seeds, model_spec = job
+    import torch
+
+    torch.set_num_threads(1)
+    from core.lab import world
+    from core.lab.evaluation import METHODS, reference_pictures, score_identity, train_identity
+    from core.lab.evaluator import load_evaluator
+    from core.models import load_model
+
+    model = load_model(model_spec, torch.device("cpu"))
+    evaluator = load_evaluator()
+    subject = world.held_out_subjects(index + 1)[index]
+    references = reference_pictures(subject, seed=index)
+    rows, pictures = [], {"references": np.stack(references)}
+    for name in method_names:
+        for seed in seeds if METHODS[name].preset else seeds[:1]:
+            identity, seconds = train_identity(model, references, METHODS[name], seed=seed)
+            scores, images = score_identity(model, evaluator, identity, subject)
+            rows.append({"method": name, "subject": index, "seed": seed, "train_seconds": round(seconds, 2),
+                         **asdict(scores)})
+            if seed == seeds[0]:
+                pictures[name] = images
+            print(f"subject {index} {name} seed {seed}: likeness {scores.likeness:.3f} "
+                  f"editability {scores.editability:.3f} ({seconds:.0f} s)", flush=True)
+    return rows, pictures
+
+
+def table(rows: list[dict], method_names: list[str]) -> str:
+    """The markdown table: per method, mean +- std over subjects x seeds."""
+    from core.lab.evaluation import summarise
+
+    lines = [
+        "| method | likeness (all pictures) | likeness (plain prompts) | editability | train s | n |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in method_names:
+        chosen = [r for r in rows if r["method"] == name]
+        cells = []
+        for key in ("likeness", "likeness_plain", "editability"):
+            mean, std, count = summarise(chosen, key)
+            cells.append(f"{mean:.3f} ± {std:.3f}")
+        seconds = summarise(chosen, "train_seconds")[0]
+        lines.append(f"| {name} | {' | '.join(cells)} | {seconds:.1f} | {count} |")
+    return "\n".join(lines)
+
+
+def picture(pictures: dict[str, np.ndarray], method_names: list[str], path: Path) -> None:
+    """One row per method (references first), each picture 3x."""
+    from PIL import Image
+
+    width = max(len(v) for v in pictures.values())
+    blank = np.full((32, 32, 3), 255, np.uint8)
+    lines = []
+    for name in ["references", *method_names]:
+        row = list(pictures[name][:width]) + [blank] * (width - len(pictures[name][:width]))
+        lines.append(np.concatenate(row, axis=1))
+    grid = np.concatenate(lines, axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
+
+
+def _commit() -> str:
+    """The repository's commit and whether core/ has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "core"], capture_output=True, text=True).stdout.strip()
+        return head + (" (uncommitted changes under core/)" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subjects", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="names in core.lab.evaluation")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--model", default="lab")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/likeness"))
+    args = parser.parse_args(argv)
+    from core.lab.evaluation import METHODS
+
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    started = time.perf_counter()
+    jobs = [(i, args.methods, args.seeds, args.model) for i in range(args.subjects)]
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        results = list(pool.map(_subject_rows, jobs))
+    rows = [row for subject_rows, _ in results for row in subject_rows]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    report = {
+        "command": "python -m benchmarks.likeness " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": _commit(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{args.workers} worker processes x 1 thread",
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "rows": rows,
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    text = table(rows, args.methods)
+    header = f"`{report['command']}` — {report['date']}, commit {report['commit']}, {report['machine']}, " \
+             f"{report['wall_seconds'] / 60:.1f} min in all\n\n"
+    args.out.with_suffix(".md").write_text(header + text + "\n")
+    picture(results[0][1], args.methods, args.out.with_suffix(".png"))
+    print(header + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

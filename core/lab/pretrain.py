@@ -1,0 +1,416 @@
+"""Pretrain the lab model on the lab's world: resumable, deterministic from a seed, on the CPU or a GPU.
+
+Two stages, both on fresh renders drawn from (seed, stage, step), so a run resumed from its checkpoint draws exactly
+what an unbroken run would:
+
+1. the VAE alone (L1 + MSE reconstruction, KL weight 1e-6), then its latent scale (1 / std of the latents);
+2. the UNet and the text encoder jointly on the frozen VAE's latents: epsilon loss with min-SNR-5 weighting, AdamW,
+   a linear warm-up, 10% of captions dropped (for classifier-free guidance), gradient clipping, an EMA of the weights.
+
+The run folder holds state.pt (everything needed to resume; loaded with weights_only, no pickled code), log.jsonl
+and preview.png (EMA weights, a fixed prompt set). A checkpoint is written every --checkpoint-every steps, at the end,
+after --minutes, and on SIGTERM/SIGINT. --export writes the EMA weights as the fp16 diffusers folder core loads.
+
+    OMP_WAIT_POLICY=PASSIVE python -m core.lab.pretrain --out out/lab_run --steps 6000 --threads 1 [--resume]
+    python -m core.lab.pretrain --out out/lab_run --export core/lab/data/lab_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from . import world
+from .model import MODEL_FOLDER, LabSpec, build_components, parameter_counts, save_folder, spec_dict
+
+VAE_STAGE, UNET_STAGE, SCALE_STAGE = 1, 2, 3
+KL_WEIGHT = 1e-6
+PREVIEW_PROMPTS = (
+    "a photo of a person with blonde hair",
+    "a photo of a woman wearing glasses on a beach",
+    "a photo of a man smiling in the forest",
+    "a photo of a person with red hair and green eyes in the snow",
+    "a photo of a person facing left in the city",
+    "a photo of someone with blue hair, smiling",
+)
+
+
+@dataclass
+class PretrainConfig:
+    """The recipe: every number that decides the weights."""
+
+    seed: int = 0
+    famous: int = 300  # famous subjects in the world (the lab's celebrities)
+    batch: int = 16
+    vae_steps: int = 1200
+    vae_lr: float = 1e-3
+    steps: int = 6000  # UNet + text encoder steps
+    lr: float = 6e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    caption_dropout: float = 0.1
+    snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    clip_norm: float = 1.0
+    spec: LabSpec = field(default_factory=LabSpec)
+
+
+def _rng(seed: int, stage: int, step: int) -> np.random.Generator:
+    """The data stream of one step."""
+    return np.random.default_rng([seed, stage, step])
+
+
+def _torch_generator(seed: int, stage: int, step: int) -> torch.Generator:
+    """The noise stream of one step (CPU, so a seed means the same draws on every machine)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + stage) * 10_000_019 + step)
+
+
+def world_batch(config: PretrainConfig, stage: int, step: int) -> tuple[torch.Tensor, list[str]]:
+    """Pixels in [-1, 1] (B, 3, 32, 32) and captions of one step, with caption dropout applied."""
+    rng = _rng(config.seed, stage, step)
+    subjects = world.famous_subjects(config.famous)
+    images, captions = [], []
+    for _ in range(config.batch):
+        image, text, _labels = world.pretraining_sample(subjects, rng)
+        images.append(image)
+        captions.append("" if rng.random() < config.caption_dropout else text)
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return pixels, captions
+
+
+def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:  # noqa: ANN001 - transformers type
+    """Token ids padded to 77, as the pack's text encoder feeds them (BOS, ids, EOS, padding)."""
+    return tokenizer(list(captions), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+class Run:
+    """A pretraining run: components, optimisers, EMA and counters, saved to and resumed from one folder."""
+
+    def __init__(self, config: PretrainConfig, folder: Path) -> None:
+        self.config = config
+        self.folder = Path(folder)
+        self.parts = build_components(config.spec, config.seed)
+        self.vae, self.unet, self.text = self.parts["vae"], self.parts["unet"], self.parts["text_encoder"]
+        self.vae_step = 0
+        self.step = 0
+        self.seconds = 0.0
+        self.scaling_factor: float | None = None
+        self.vae_optimiser = torch.optim.AdamW(self.vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+        embeddings = self.text.get_input_embeddings().weight
+        others = [p for p in self.text.parameters() if p is not embeddings] + list(self.unet.parameters())
+        self.optimiser = torch.optim.AdamW(
+            [{"params": others, "weight_decay": config.weight_decay}, {"params": [embeddings], "weight_decay": 0.0}],
+            lr=config.lr,
+        )
+        self.ema = {k: v.detach().clone() for k, v in self._trained().items()}
+        self.stop_requested = False
+
+    def _trained(self) -> dict[str, torch.Tensor]:
+        """The UNet's and text encoder's parameters by prefixed name."""
+        named = {f"unet.{k}": v for k, v in self.unet.named_parameters()}
+        named.update({f"text_encoder.{k}": v for k, v in self.text.named_parameters()})
+        return named
+
+    # --- saving and resuming ---------------------------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> Path:
+        return self.folder / "state.pt"
+
+    def save(self) -> None:
+        """Write state.pt atomically."""
+        state = {
+            "config": _config_json(self.config),
+            "vae_step": self.vae_step,
+            "step": self.step,
+            "seconds": self.seconds,
+            "scaling_factor": self.scaling_factor,
+            "vae": self.vae.state_dict(),
+            "unet": self.unet.state_dict(),
+            "text_encoder": self.text.state_dict(),
+            "vae_optimiser": self.vae_optimiser.state_dict(),
+            "optimiser": self.optimiser.state_dict(),
+            "ema": self.ema,
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path)
+
+    def resume(self) -> None:
+        """Load state.pt (tensors and plain values only); refuse one made with another recipe."""
+        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        saved = state["config"]
+        wanted = _config_json(self.config)
+        differing = sorted(k for k in wanted if k != "steps" and saved.get(k) != wanted[k])
+        if differing:
+            raise InputError(
+                f"resume: {self.state_path} was made with other settings ({', '.join(differing)}); "
+                "use the same options, or another --out"
+            )
+        self.vae_step, self.step, self.seconds = state["vae_step"], state["step"], state["seconds"]
+        self.scaling_factor = state["scaling_factor"]
+        self.vae.load_state_dict(state["vae"])
+        self.unet.load_state_dict(state["unet"])
+        self.text.load_state_dict(state["text_encoder"])
+        self.vae_optimiser.load_state_dict(state["vae_optimiser"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.ema = state["ema"]
+        if self.scaling_factor is not None:
+            self.vae.register_to_config(scaling_factor=self.scaling_factor)
+
+    def log(self, record: dict) -> None:
+        """Append one JSON line to log.jsonl."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # --- stage 1: the VAE ------------------------------------------------------------------------------------------
+
+    def vae_loss(self, step: int) -> torch.Tensor:
+        """Reconstruction loss of one step's batch."""
+        pixels, _ = world_batch(self.config, VAE_STAGE, step)
+        posterior = self.vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(
+            posterior.mean.shape, generator=_torch_generator(self.config.seed, VAE_STAGE, step)
+        )
+        decoded = self.vae.decode(latents).sample
+        kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
+        return F.l1_loss(decoded, pixels) + F.mse_loss(decoded, pixels) + KL_WEIGHT * kl
+
+    def train_vae_step(self) -> float:
+        """One VAE step."""
+        self.vae.train().requires_grad_(True)
+        loss = self.vae_loss(self.vae_step)
+        self.vae_optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.config.clip_norm)
+        self.vae_optimiser.step()
+        self.vae_step += 1
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def fit_scaling_factor(self, batches: int = 16) -> float:
+        """1 / std of the VAE's latent means over fresh batches (SD's 0.18215 was found the same way)."""
+        self.vae.eval()
+        means = [self.vae.encode(world_batch(self.config, SCALE_STAGE, i)[0]).latent_dist.mean for i in range(batches)]
+        self.scaling_factor = float(1.0 / torch.cat(means).std())
+        self.vae.register_to_config(scaling_factor=self.scaling_factor)
+        return self.scaling_factor
+
+    # --- stage 2: UNet and text encoder ----------------------------------------------------------------------------
+
+    def diffusion_loss(self, step: int) -> torch.Tensor:
+        """min-SNR-weighted epsilon loss of one step's batch."""
+        config = self.config
+        pixels, captions = world_batch(config, UNET_STAGE, step)
+        generator = _torch_generator(config.seed, UNET_STAGE, step)
+        with torch.no_grad():
+            posterior = self.vae.encode(pixels).latent_dist
+            noise_latent = torch.randn(posterior.mean.shape, generator=generator)
+            latents = (posterior.mean + posterior.std * noise_latent) * self.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator)
+        scheduler = self.parts["scheduler"]
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        ids = tokenize(self.parts["tokenizer"], captions)
+        context = self.text(ids).last_hidden_state
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
+        abar = scheduler.alphas_cumprod[timesteps]
+        snr = abar / (1 - abar)
+        weight = torch.clamp(snr, max=config.snr_gamma) / snr
+        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+        return (weight * per_sample).mean()
+
+    def learning_rate(self) -> float:
+        """Linear warm-up, then constant (a run may be extended by resuming with more steps)."""
+        return self.config.lr * min(1.0, (self.step + 1) / self.config.warmup)
+
+    def train_step(self) -> float:
+        """One UNet + text encoder step, then the EMA update."""
+        self.unet.train().requires_grad_(True)
+        self.text.train().requires_grad_(True)
+        self.vae.eval().requires_grad_(False)
+        for group in self.optimiser.param_groups:
+            group["lr"] = self.learning_rate()
+        loss = self.diffusion_loss(self.step)
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in self.optimiser.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm)
+        self.optimiser.step()
+        self.step += 1
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for name, param in self._trained().items():
+                self.ema[name].lerp_(param.detach(), 1 - decay)
+        return float(loss.detach())
+
+    # --- the trained model -----------------------------------------------------------------------------------------
+
+    def ema_parts(self) -> dict[str, object]:
+        """The components with the EMA weights (fresh modules; the training ones are untouched)."""
+        parts = build_components(self.config.spec, self.config.seed)
+        parts["vae"].load_state_dict(self.vae.state_dict())
+        parts["vae"].register_to_config(scaling_factor=self.scaling_factor or 1.0)
+        parts["unet"].load_state_dict({k[5:]: v for k, v in self.ema.items() if k.startswith("unet.")})
+        parts["text_encoder"].load_state_dict(
+            {k[13:]: v for k, v in self.ema.items() if k.startswith("text_encoder.")}, strict=False
+        )
+        for part in parts.values():
+            if isinstance(part, torch.nn.Module):
+                part.eval().requires_grad_(False)
+        return parts
+
+    def recipe(self) -> dict:
+        """What lab.json records: the recipe, sizes, counters and time."""
+        return {
+            "format": "identity-tokens-lab-model/1",
+            "config": _config_json(self.config),
+            "parameters": parameter_counts(self.parts),
+            "vae_steps_done": self.vae_step,
+            "steps_done": self.step,
+            "scaling_factor": self.scaling_factor,
+            "train_seconds": round(self.seconds, 1),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "weights": "EMA of the UNet and text encoder; fp16",
+        }
+
+    def preview(self) -> Path:
+        """A grid of the preview prompts (EMA weights, seed 0) as preview.png."""
+        from PIL import Image
+
+        from ..sample import generate
+        from ..tiny import model_from_components
+
+        model = model_from_components("sd1", self.ema_parts(), name="lab")
+        images = generate(model, PREVIEW_PROMPTS * 2, steps=20, guidance=4.0, seed=0)
+        rows = [np.concatenate(list(images[i * 6 : (i + 1) * 6]), axis=1) for i in range(2)]
+        path = self.folder / "preview.png"
+        Image.fromarray(np.concatenate(rows, axis=0)).resize((6 * 96, 2 * 96), Image.NEAREST).save(path)
+        return path
+
+
+def _config_json(config: PretrainConfig) -> dict:
+    """The config as plain JSON values."""
+    values = asdict(config)
+    values["spec"] = spec_dict(config.spec)
+    return values
+
+
+def run(
+    config: PretrainConfig,
+    folder: Path,
+    resume: bool = False,
+    minutes: float | None = None,
+    checkpoint_every: int = 250,
+    preview_every: int = 1000,
+    log_every: int = 25,
+) -> Run:
+    """Train (or continue) until config.steps, --minutes, or a stop signal; checkpoint on the way and at the end."""
+    state = Run(config, folder)
+    if state.state_path.exists():
+        if not resume:
+            raise InputError(f"out: {state.state_path} exists; add --resume to continue it, or choose another --out")
+        state.resume()
+    deadline = None if minutes is None else time.monotonic() + 60 * minutes
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        state.stop_requested = True
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not state.stop_requested and (deadline is None or time.monotonic() < deadline):
+            started = time.perf_counter()
+            if state.vae_step < config.vae_steps:
+                loss = state.train_vae_step()
+                step, stage = state.vae_step, "vae"
+                if state.vae_step == config.vae_steps:
+                    state.log({"stage": "vae", "scaling_factor": state.fit_scaling_factor()})
+            elif state.step < config.steps:
+                loss = state.train_step()
+                step, stage = state.step, "unet"
+            else:
+                break
+            state.seconds += time.perf_counter() - started
+            if step % log_every == 0:
+                record = {"stage": stage, "step": step, "loss": round(loss, 5), "seconds": round(state.seconds, 1)}
+                state.log(record)
+                print(json.dumps(record), flush=True)
+            if step % checkpoint_every == 0:
+                state.save()
+            if stage == "unet" and step % preview_every == 0:
+                state.preview()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        state.save()
+    return state
+
+
+def export(folder: Path, out: Path, overwrite: bool = False) -> Path:
+    """Write a run's EMA weights as the fp16 diffusers folder core loads."""
+    config = PretrainConfig()
+    state = Run(config, folder)
+    saved = torch.load(state.state_path, map_location="cpu", weights_only=True)["config"]
+    config = PretrainConfig(**{k: v for k, v in saved.items() if k != "spec"}, spec=LabSpec(**_spec_args(saved["spec"])))
+    state = Run(config, folder)
+    state.resume()
+    if state.scaling_factor is None:
+        raise InputError(f"export: {folder} has not finished the VAE stage yet; train further first")
+    if out.exists() and not overwrite:
+        raise InputError(f"export: {out} exists; add --overwrite to replace it")
+    names = world.celebrity_names(world.famous_subjects(config.famous))
+    return save_folder(state.ema_parts(), out, state.recipe(), names)
+
+
+def _spec_args(values: dict) -> dict:
+    """LabSpec keyword arguments from JSON (lists back to tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line."""
+    parser = argparse.ArgumentParser(prog="python -m core.lab.pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the run folder (state.pt, log.jsonl, preview.png)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--steps", type=int, default=PretrainConfig.steps, help="UNet + text encoder steps in all")
+    parser.add_argument("--vae-steps", type=int, default=PretrainConfig.vae_steps)
+    parser.add_argument("--batch", type=int, default=PretrainConfig.batch)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (the shipped run used 1)")
+    parser.add_argument("--export", type=Path, default=None, help=f"write the EMA weights as a model folder ({MODEL_FOLDER})")
+    parser.add_argument("--overwrite", action="store_true", help="with --export: replace an existing folder")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.export is not None:
+            path = export(args.out, args.export, args.overwrite)
+            print(f"lab model: {path}")
+            return 0
+        config = PretrainConfig(seed=args.seed, batch=args.batch, vae_steps=args.vae_steps, steps=args.steps)
+        state = run(config, args.out, resume=args.resume, minutes=args.minutes)
+        print(f"stopped at VAE step {state.vae_step}, UNet step {state.step}, {state.seconds / 60:.1f} min of training")
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

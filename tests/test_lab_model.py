@@ -1,0 +1,135 @@
+"""The lab model's machinery, on fresh random weights: sizes, the folder core loads, deterministic resumable
+pretraining, the sampler, and Cross-Init's use of the lab's own famous names."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.cross_init import column_means, initial_rows, output_rows
+from core.errors import InputError
+from core.lab import world
+from core.lab.model import LabSpec, build_components, is_lab_folder, parameter_counts
+from core.lab.pretrain import PretrainConfig, export, run, world_batch
+from core.models import LAB_NAME, check_model_spec, default_resolution, load_diffusers_folder
+from core.protocols import SLOT
+from core.sample import ddim_timesteps, generate
+from core.templates import training_prompts
+
+SMALL = PretrainConfig(batch=2, vae_steps=2, steps=2, warmup=2, famous=20)
+
+
+@pytest.fixture(scope="module")
+def lab_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of 2 VAE + 2 UNet steps, exported as a lab folder."""
+    root = tmp_path_factory.mktemp("lab")
+    run(SMALL, root / "run", checkpoint_every=1000, preview_every=1000)
+    return export(root / "run", root / "model")
+
+
+def test_sizes_follow_the_spec() -> None:
+    parts = build_components(LabSpec())
+    counts = parameter_counts(parts)
+    assert counts["text_encoder"] == pytest.approx(3.32e6, rel=0.01)  # the real vocabulary at width 64
+    latents = parts["vae"].encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
+    assert tuple(latents.shape) == (1, 4, LabSpec().latent_size, LabSpec().latent_size) == (1, 4, 16, 16)
+    assert parts["unet"].config.cross_attention_dim == parts["text_encoder"].config.hidden_size == 64
+
+
+def test_exported_folder_loads_as_the_lab_model(lab_folder: Path) -> None:
+    assert is_lab_folder(lab_folder)
+    model = load_diffusers_folder(lab_folder, torch.device("cpu"))
+    assert model.name == LAB_NAME and model.family == "sd1"
+    assert default_resolution(model) == 32
+    famous = world.celebrity_names(world.famous_subjects(SMALL.famous))
+    assert list(model.celebrity_names) == famous
+    recipe = json.loads((lab_folder / "lab.json").read_text())
+    assert recipe["steps_done"] == 2 and recipe["vae_steps_done"] == 2 and recipe["config"]["batch"] == 2
+    weights = model.denoiser.unet.state_dict()
+    assert all(v.dtype == torch.float32 for v in weights.values())  # fp16 on disk, fp32 on the CPU
+    assert next(iter(lab_folder.glob("unet/*.safetensors"))).stat().st_size < 9_000_000  # fp16
+
+
+def test_cross_init_averages_the_models_own_names(lab_folder: Path) -> None:
+    model = load_diffusers_folder(lab_folder, torch.device("cpu"))
+    encoder = model.encoders[0]
+    rows = initial_rows(model, "celebrity", 2)["clip_l"]
+    wanted = output_rows(encoder, column_means(encoder, model.celebrity_names, 2))
+    assert torch.allclose(rows, wanted)
+    model.celebrity_names = None  # the pack's real-celebrity list gives other rows
+    assert not torch.allclose(initial_rows(model, "celebrity", 2)["clip_l"], wanted)
+
+
+def test_pretraining_resumes_exactly(tmp_path: Path) -> None:
+    """2 + 2 steps in one go equal 1 VAE step, a stop, then the rest (the stop falls inside the VAE stage)."""
+    whole = run(SMALL, tmp_path / "whole", checkpoint_every=1000, preview_every=1000)
+    run(replace(SMALL, vae_steps=1, steps=0), tmp_path / "parts", checkpoint_every=1000, preview_every=1000)
+    state_path = tmp_path / "parts" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["config"]["vae_steps"] = SMALL.vae_steps  # continue the same recipe with its full length
+    torch.save(state, state_path)
+    resumed = run(SMALL, tmp_path / "parts", resume=True, checkpoint_every=1000, preview_every=1000)
+    assert (resumed.vae_step, resumed.step) == (2, 2)
+    for key, value in whole.unet.state_dict().items():
+        assert torch.equal(value, resumed.unet.state_dict()[key]), key
+    for key, value in whole.ema.items():
+        assert torch.equal(value, resumed.ema[key]), key
+    assert resumed.scaling_factor == whole.scaling_factor
+
+
+def test_a_run_refuses_to_overwrite_or_resume_another_recipe(tmp_path: Path) -> None:
+    run(replace(SMALL, steps=0, vae_steps=1), tmp_path / "r", checkpoint_every=1000, preview_every=1000)
+    with pytest.raises(InputError, match="--resume"):
+        run(SMALL, tmp_path / "r")
+    with pytest.raises(InputError, match="other settings.*batch"):
+        run(replace(SMALL, batch=3), tmp_path / "r", resume=True)
+
+
+def test_world_batches_depend_only_on_seed_stage_and_step() -> None:
+    a_pixels, a_text = world_batch(SMALL, 2, 5)
+    b_pixels, b_text = world_batch(SMALL, 2, 5)
+    c_pixels, _ = world_batch(SMALL, 2, 6)
+    assert torch.equal(a_pixels, b_pixels) and a_text == b_text
+    assert not torch.equal(a_pixels, c_pixels)
+    assert a_pixels.shape == (2, 3, 32, 32) and -1 <= a_pixels.min() and a_pixels.max() <= 1
+
+
+def test_sampler_is_deterministic_and_uses_identity_rows(lab_folder: Path) -> None:
+    model = load_diffusers_folder(lab_folder, torch.device("cpu"))
+    first = generate(model, ["a photo of a person"], steps=3, seed=4)
+    again = generate(model, ["a photo of a person"], steps=3, seed=4)
+    assert first.shape == (1, 32, 32, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, generate(model, ["a photo of a person"], steps=3, seed=5))
+    seen: list[torch.Tensor] = []  # the contexts the UNet is given (a 4-step random model barely reacts to them)
+    predict = model.denoiser.predict
+    model.denoiser.predict = lambda x, t, cond: seen.append(cond.context) or predict(x, t, cond)
+    width = model.encoders[0].width
+    generate(model, [f"a photo of {SLOT}"], {"clip_l": torch.zeros(2, width)}, steps=1, seed=4)
+    generate(model, [f"a photo of {SLOT}"], {"clip_l": torch.full((2, width), 3.0)}, steps=1, seed=4)
+    with_a, empty_a, with_b, empty_b = seen
+    assert not torch.allclose(with_a, with_b)  # the rows reach the conditional pass
+    assert torch.equal(empty_a, empty_b)  # and not the unconditional one
+
+
+def test_ddim_timesteps_are_sds_leading_spacing() -> None:
+    assert ddim_timesteps(4) == [751, 501, 251, 1]
+    assert ddim_timesteps(25)[0] == 961 and ddim_timesteps(25)[-1] == 1
+
+
+def test_lab_templates_are_the_worlds_caption_openings() -> None:
+    prompts = training_prompts("lab")
+    assert prompts[0] == "a photo of {}" and len(prompts) == len(world.PREFIXES)
+
+
+def test_the_lab_model_name_needs_its_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import core.models
+
+    monkeypatch.setattr(core.models, "LAB_FOLDER", tmp_path / "missing")
+    with pytest.raises(InputError, match="lab model is not in"):
+        check_model_spec("lab")
