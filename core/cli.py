@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -28,6 +29,8 @@ from .face_cli import (
 from .identity import Identity
 from .memory import MEMORY_MODES
 from .models import PREDICTION_TYPES
+from .protocols import SLOT, Model
+from .templates import TEMPLATE_KINDS
 from .score import add_score_parser, run_score
 from .trainer import OUT_OF_MEMORY, PRESETS, TrainResult
 
@@ -62,14 +65,15 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "--images",
         nargs="+",
         required=True,
-        help="image files or folders of them; 'sample' uses the bundled public-domain astronaut photo",
+        help="image files or folders of them; 'sample' uses the bundled public-domain astronaut photo, "
+        "'lab-sample' the lab world's sample subject (4 pictures; with --model lab)",
     )
     p.add_argument("--out", required=True, type=Path, help="output file, e.g. out/alice.safetensors")
     p.add_argument(
         "--model",
         required=True,
-        help="a .safetensors checkpoint (e.g. from ComfyUI's models/checkpoints), a diffusers folder, or a built-in "
-        "test model: tiny, tiny-sd2, tiny-sdxl (random weights, they learn nothing pictorial)",
+        help="a .safetensors checkpoint (e.g. from ComfyUI's models/checkpoints), a diffusers folder, 'lab' (the "
+        "pack's own small model of the lab world, 32 px) or a random-weight test model: tiny, tiny-sd2, tiny-sdxl",
     )
     p.add_argument(
         "--prediction-type",
@@ -104,6 +108,19 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, dest="n_tokens", help="vectors in the identity (preset default)")
     p.add_argument("--init", choices=["celebrity", "words", "word"], help="initialisation (preset default)")
     p.add_argument("--init-text", help="init words for --init words, or the one-token word for --init word")
+    p.add_argument(
+        "--templates",
+        choices=TEMPLATE_KINDS,
+        help="training captions: object ('a photo of a {}'), face ('... face of {} person') or lab (the lab world's "
+        "'a photo of {}'); default: the preset's, lab on the lab model",
+    )
+    p.add_argument(
+        "--sample-prompts",
+        nargs="+",
+        help="after training, draw these prompts ({} is the identity) with and without it into OUT.samples.png "
+        "(DDIM 25 steps; default: a few prompts on the lab model, none elsewhere)",
+    )
+    p.add_argument("--no-samples", action="store_true", help="write no OUT.samples.png, even on the lab model")
     p.add_argument("--init-from", type=Path, help="start from an identity file (any layout) instead of --init")
     p.add_argument("--reg-weight", type=float, help="Cross-Init regulariser weight (preset default 1e-5)")
     p.add_argument("--resolution", type=int, help="training resolution (default: the model's native size)")
@@ -143,11 +160,44 @@ def _output_paths(args: argparse.Namespace) -> dict[str, Path]:
             f"--out: cannot create folder {out.parent} ({error.strerror}); choose a writable folder"
         ) from None
     paths = {"identity": out, "curve": out.with_suffix(".loss.png"), "attention": out.with_suffix(".attention.png")}
+    if _wants_samples(args):
+        paths["samples"] = out.with_suffix(".samples.png")
     if args.legacy_pt:
         paths["legacy"] = out.with_suffix(".pt")
     for path in paths.values():
         check_output_path(path, args.overwrite)
     return paths
+
+
+def _wants_samples(args: argparse.Namespace) -> bool:
+    """Whether train draws a sample sheet: --sample-prompts, or the lab model, unless --no-samples."""
+    from .models import LAB_NAME
+
+    return not args.no_samples and (bool(args.sample_prompts) or args.model == LAB_NAME)
+
+
+def _write_samples(model: Model, result: TrainResult, args: argparse.Namespace, token: str, pictures: list,
+                   resolution: int) -> Path:
+    """References, then the prompts with the identity, then the same prompts and seed with the class word."""
+    from .images import save_png_atomic
+    from .sample import generate, sample_sheet
+
+    from .lab.evaluation import DEMO_PROMPTS
+
+    prompts = list(args.sample_prompts or DEMO_PROMPTS)
+    rows = {enc.key: result.identity.rows_for(enc.key, enc.width) for enc in model.encoders}
+    with_identity = generate(model, prompts, rows, seed=args.seed, resolution=resolution)
+    without = generate(model, [p.replace(SLOT, "a person") for p in prompts], seed=args.seed, resolution=resolution)
+    references = [np.asarray(p.resize((resolution, resolution))) for p in pictures]
+    sheet = sample_sheet(
+        [
+            ("the pictures it trained on", references),
+            (f"generated with {token}", list(with_identity)),
+            ("the same prompts and seed, 'a person' instead", list(without)),
+        ],
+        notes=[f"column {i + 1}: {p.replace(SLOT, token)}" for i, p in enumerate(prompts)],
+    )
+    return save_png_atomic(sheet, args.out.with_suffix(".samples.png"))
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -221,10 +271,18 @@ def plan_train(args: argparse.Namespace) -> TrainPlan:
 
 
 def _image_sources(values: Sequence[str]) -> list[Path]:
-    """Paths from --images, with 'sample' meaning the bundled astronaut photo."""
-    from .images import sample_photo_path
+    """Paths from --images: 'sample' is the bundled astronaut photo, 'lab-sample' the lab world's sample subject."""
+    from .images import LAB_SAMPLE, lab_sample_paths, sample_photo_path
 
-    return [sample_photo_path() if v == "sample" else Path(v) for v in values]
+    paths: list[Path] = []
+    for value in values:
+        if value == "sample":
+            paths.append(sample_photo_path())
+        elif value == LAB_SAMPLE:
+            paths.extend(lab_sample_paths())
+        else:
+            paths.append(Path(value))
+    return paths
 
 
 def _save(result: TrainResult, args: argparse.Namespace, paths: dict[str, Path], token: str,
@@ -291,7 +349,7 @@ def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .images import images_to_tensor
-    from .models import default_resolution, load_model
+    from .models import default_resolution, default_templates, load_model
     from .trainer import Trainer, is_out_of_memory, preset_config
 
     plan = plan_train(args)
@@ -322,6 +380,7 @@ def run_train(args: argparse.Namespace) -> int:
         flip_p=0.0 if args.no_flip else None,
         face_loss=face_loss_setting(args),
         stages=args.stages,
+        templates=args.templates or default_templates(model),
     )
     images = images_to_tensor(plan.pictures, resolution)
     try:
@@ -347,6 +406,9 @@ def run_train(args: argparse.Namespace) -> int:
 
         result = trainer.run(on_step=on_step)
     written = _save(result, args, plan.paths, plan.token, images)
+    if "samples" in plan.paths and not result.stopped:
+        print(f"drawing {plan.paths['samples'].name} ...", file=sys.stderr)
+        written.append(_write_samples(model, result, args, plan.token, plan.pictures, resolution))
     for path in written:
         print(f"wrote {path}")
     return _report_stop(result, trainer.steps_done, written[0], config.batch_size, resolution)

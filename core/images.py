@@ -400,3 +400,24 @@ def sample_photo_path(cache_dir: Path | None = None) -> Path:
             "sample photo: scikit-image has no astronaut image on disk; pass your own photo instead"
         ) from exc
     return save_png_atomic(Image.fromarray(pixels), cached)
+
+
+LAB_SAMPLE = "lab-sample"  # --images value: the lab world's sample subject
+LAB_SAMPLE_SCALE = 2  # its 32 px pictures are written 2x (unsmoothed), since photos under MIN_SIDE are refused
+
+
+def lab_sample_paths(cache_dir: Path | None = None) -> list[Path]:
+    """The lab world's sample subject's reference pictures as PNGs in a cache folder (rendered from a seed)."""
+    from .lab.evaluation import reference_pictures
+    from .lab.world import sample_subject
+
+    folder = (Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "identity_tokens") / LAB_SAMPLE
+    paths = []
+    for i, picture in enumerate(reference_pictures(sample_subject())):
+        path = folder / f"reference_{i + 1}.png"
+        side = picture.shape[0] * LAB_SAMPLE_SCALE
+        image = Image.fromarray(picture).resize((side, side), Image.NEAREST)
+        if not (path.is_file() and np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(image))):
+            save_png_atomic(image, path)
+        paths.append(path)
+    return paths

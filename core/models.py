@@ -192,6 +192,11 @@ def native_resolution(family: str, prediction_type: str = "epsilon") -> int:
     return NATIVE_RESOLUTION.get(family, 512)
 
 
+def default_templates(model: Model) -> str | None:
+    """The training captions a model wants instead of the preset's: the lab model's own ('lab'); None elsewhere."""
+    return "lab" if model.name == LAB_NAME else None
+
+
 def default_resolution(model: Model) -> int:
     """The resolution a model was trained at (tiny models: 64, the lab model: 32)."""
     if model.name.startswith("tiny"):

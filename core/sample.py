@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .errors import InputError
 from .protocols import Model, condition
@@ -81,3 +82,33 @@ def generate(
     pixels = vae.decode((x / denoiser.scaling_factor).to(vae_dtype)).sample.float()
     pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+SHEET_TILE = 96  # px per picture on a sample sheet (small pictures are enlarged without smoothing)
+SHEET_LABEL = 18  # px of label above each row
+
+
+def sample_sheet(
+    rows: Sequence[tuple[str, Sequence[np.ndarray]]], notes: Sequence[str] = (), tile: int = SHEET_TILE
+) -> Image.Image:
+    """Rows of labelled pictures (label, [H, W, 3] uint8 ...) on one white sheet, each picture tile x tile, and lines
+    of notes below them."""
+    from PIL import ImageDraw
+
+    from .plot import BACKGROUND, TEXT_COLOUR, default_font
+
+    columns = max((len(pictures) for _, pictures in rows), default=1)
+    height = len(rows) * (tile + SHEET_LABEL) + 4 + len(notes) * SHEET_LABEL
+    sheet = Image.new("RGB", (columns * tile + 8, height), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    font = default_font(12)
+    for r, (label, pictures) in enumerate(rows):
+        top = r * (tile + SHEET_LABEL)
+        draw.text((4, top + 3), label, fill=TEXT_COLOUR, font=font)
+        for c, picture in enumerate(pictures):
+            small = Image.fromarray(np.asarray(picture, dtype=np.uint8))
+            resample = Image.NEAREST if small.width <= tile else Image.LANCZOS
+            sheet.paste(small.resize((tile, tile), resample), (4 + c * tile, top + SHEET_LABEL))
+    for i, note in enumerate(notes):
+        draw.text((4, len(rows) * (tile + SHEET_LABEL) + 4 + i * SHEET_LABEL), note, fill=TEXT_COLOUR, font=font)
+    return sheet

@@ -39,6 +39,15 @@ EDIT_PROMPTS: tuple[tuple[str, dict[str, str]], ...] = (
 )
 
 
+# What `python -m core train --model lab` draws after training (OUT.samples.png).
+DEMO_PROMPTS: tuple[str, ...] = (
+    "a photo of {}",
+    "a photo of {} wearing glasses",
+    "a photo of {} smiling on a beach",
+    "a photo of {} facing left in the snow",
+)
+
+
 @dataclass(frozen=True)
 class Method:
     """One row of the table: a training preset and step count, or None for the class-word baseline."""
