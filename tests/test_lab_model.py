@@ -4,6 +4,7 @@ pretraining, the sampler, and Cross-Init's use of the lab's own famous names."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -133,3 +134,33 @@ def test_the_lab_model_name_needs_its_folder(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setattr(core.models, "LAB_FOLDER", tmp_path / "missing")
     with pytest.raises(InputError, match="lab model is not in"):
         check_model_spec("lab")
+
+
+DDP_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from core.lab.pretrain import PretrainConfig, run
+torch.set_num_threads(1)
+run(PretrainConfig(batch=4, vae_steps=2, steps=2, warmup=2, famous=20), Path(sys.argv[1]), checkpoint_every=1000)
+"""
+
+
+def test_two_processes_train_as_one_with_the_whole_batch(tmp_path: Path) -> None:
+    """torchrun with 2 gloo processes, each with half of every batch, gives one process's weights (float rounding)."""
+    import os
+    import subprocess
+
+    script = tmp_path / "pretrain_small.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    for command, folder in (([sys.executable, str(script)], "one"), (torchrun, "two")):
+        done = subprocess.run([*command, str(tmp_path / folder)], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = torch.load(tmp_path / "one" / "state.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "state.pt", weights_only=True)
+    assert (one["vae_step"], one["step"]) == (two["vae_step"], two["step"]) == (2, 2)
+    for part in ("vae", "unet", "text_encoder"):
+        for key, value in one[part].items():
+            assert torch.allclose(value, two[part][key], atol=2e-4), (part, key)
+    assert one["scaling_factor"] == pytest.approx(two["scaling_factor"], rel=1e-5)

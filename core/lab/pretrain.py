@@ -98,7 +98,10 @@ def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:  # noqa: ANN00
 class Run:
     """A pretraining run: components, optimisers, EMA and counters, saved to and resumed from one folder."""
 
-    def __init__(self, config: PretrainConfig, folder: Path) -> None:
+    def __init__(self, config: PretrainConfig, folder: Path, rank: int = 0, world: int = 1) -> None:
+        if config.batch % world:
+            raise InputError(f"batch: {config.batch} does not split over {world} processes; use a multiple of {world}")
+        self.rank, self.world = rank, world
         self.config = config
         self.folder = Path(folder)
         self.parts = build_components(config.spec, config.seed)
@@ -179,13 +182,23 @@ class Run:
 
     # --- stage 1: the VAE ------------------------------------------------------------------------------------------
 
+    def _latent_shape(self) -> tuple[int, int, int, int]:
+        """The whole batch's latent shape (every process draws the whole batch's noise, then keeps its share)."""
+        spec = self.config.spec
+        return (self.config.batch, spec.latent_channels, spec.latent_size, spec.latent_size)
+
+    def _share(self) -> slice:
+        """This process's share of each batch."""
+        size = self.config.batch // self.world
+        return slice(self.rank * size, (self.rank + 1) * size)
+
     def vae_loss(self, step: int) -> torch.Tensor:
-        """Reconstruction loss of one step's batch."""
-        pixels, _ = world_batch(self.config, VAE_STAGE, step)
+        """Reconstruction loss of this process's share of one step's batch."""
+        share = self._share()
+        pixels = world_batch(self.config, VAE_STAGE, step)[0][share]
+        noise = torch.randn(self._latent_shape(), generator=_torch_generator(self.config.seed, VAE_STAGE, step))
         posterior = self.vae.encode(pixels).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(
-            posterior.mean.shape, generator=_torch_generator(self.config.seed, VAE_STAGE, step)
-        )
+        latents = posterior.mean + posterior.std * noise[share]
         decoded = self.vae.decode(latents).sample
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
         return F.l1_loss(decoded, pixels) + F.mse_loss(decoded, pixels) + KL_WEIGHT * kl
@@ -196,6 +209,7 @@ class Run:
         loss = self.vae_loss(self.vae_step)
         self.vae_optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        self._average_gradients(list(self.vae.parameters()))
         torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.config.clip_norm)
         self.vae_optimiser.step()
         self.vae_step += 1
@@ -213,17 +227,19 @@ class Run:
     # --- stage 2: UNet and text encoder ----------------------------------------------------------------------------
 
     def diffusion_loss(self, step: int) -> torch.Tensor:
-        """min-SNR-weighted epsilon loss of one step's batch."""
+        """min-SNR-weighted epsilon loss of this process's share of one step's batch."""
         config = self.config
+        share = self._share()
         pixels, captions = world_batch(config, UNET_STAGE, step)
+        pixels, captions = pixels[share], captions[share]
         generator = _torch_generator(config.seed, UNET_STAGE, step)
+        scheduler = self.parts["scheduler"]
+        noise_latent = torch.randn(self._latent_shape(), generator=generator)[share]
+        noise = torch.randn(self._latent_shape(), generator=generator)[share]
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch,), generator=generator)[share]
         with torch.no_grad():
             posterior = self.vae.encode(pixels).latent_dist
-            noise_latent = torch.randn(posterior.mean.shape, generator=generator)
             latents = (posterior.mean + posterior.std * noise_latent) * self.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator)
-        scheduler = self.parts["scheduler"]
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         ids = tokenize(self.parts["tokenizer"], captions)
         context = self.text(ids).last_hidden_state
@@ -249,6 +265,7 @@ class Run:
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for group in self.optimiser.param_groups for p in group["params"]]
+        self._average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm)
         self.optimiser.step()
         self.step += 1
@@ -257,6 +274,41 @@ class Run:
             for name, param in self._trained().items():
                 self.ema[name].lerp_(param.detach(), 1 - decay)
         return float(loss.detach())
+
+    def _average_gradients(self, params: list[torch.Tensor]) -> None:
+        """With several processes: every gradient becomes the mean over processes (one flat all-reduce)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for param, grad in zip(params, grads):
+            param.grad = flat[offset : offset + grad.numel()].view_as(grad).clone()
+            offset += grad.numel()
+
+    def agree_to_stop(self, stop: bool) -> bool:
+        """Whether any process wants to stop (all processes then stop at the same step)."""
+        if self.world == 1:
+            return stop
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if stop else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def mean_over_processes(self, value: float) -> float:
+        """The mean of a number over the processes."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total.item()) / self.world
 
     # --- the trained model -----------------------------------------------------------------------------------------
 
@@ -320,8 +372,14 @@ def run(
     preview_every: int = 1000,
     log_every: int = 25,
 ) -> Run:
-    """Train (or continue) until config.steps, --minutes, or a stop signal; checkpoint on the way and at the end."""
-    state = Run(config, folder)
+    """Train (or continue) until config.steps, --minutes, or a stop signal; checkpoint on the way and at the end.
+
+    Under torchrun (WORLD_SIZE > 1, gloo) each process takes an equal share of every batch and the gradients are
+    averaged, so the steps are those of one process with the whole batch, up to float rounding; process 0 writes.
+    """
+    rank, world = _process_group()
+    state = Run(config, folder, rank, world)
+    writer = rank == 0
     if state.state_path.exists():
         if not resume:
             raise InputError(f"out: {state.state_path} exists; add --resume to continue it, or choose another --out")
@@ -333,7 +391,7 @@ def run(
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while not state.stop_requested and (deadline is None or time.monotonic() < deadline):
+        while not state.agree_to_stop(state.stop_requested or (deadline is not None and time.monotonic() > deadline)):
             started = time.perf_counter()
             if state.vae_step < config.vae_steps:
                 loss = state.train_vae_step()
@@ -347,18 +405,33 @@ def run(
                 break
             state.seconds += time.perf_counter() - started
             if step % log_every == 0:
-                record = {"stage": stage, "step": step, "loss": round(loss, 5), "seconds": round(state.seconds, 1)}
-                state.log(record)
-                print(json.dumps(record), flush=True)
-            if step % checkpoint_every == 0:
+                loss = state.mean_over_processes(loss)
+                if writer:
+                    record = {"stage": stage, "step": step, "loss": round(loss, 5), "seconds": round(state.seconds, 1)}
+                    state.log(record)
+                    print(json.dumps(record), flush=True)
+            if writer and step % checkpoint_every == 0:
                 state.save()
-            if stage == "unet" and step % preview_every == 0:
+            if writer and stage == "unet" and step % preview_every == 0:
                 state.preview()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        state.save()
+        if writer:
+            state.save()
     return state
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size): joins torchrun's gloo group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world
 
 
 def export(folder: Path, out: Path, overwrite: bool = False) -> Path:
