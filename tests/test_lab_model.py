@@ -164,3 +164,12 @@ def test_two_processes_train_as_one_with_the_whole_batch(tmp_path: Path) -> None
         for key, value in one[part].items():
             assert torch.allclose(value, two[part][key], atol=2e-4), (part, key)
     assert one["scaling_factor"] == pytest.approx(two["scaling_factor"], rel=1e-5)
+
+
+def test_a_warm_start_continues_an_exported_folders_counters(lab_folder: Path, tmp_path: Path) -> None:
+    state = run(replace(SMALL, steps=3), tmp_path / "more", warm_start=lab_folder, checkpoint_every=1000)
+    assert (state.vae_step, state.step) == (2, 3)
+    first, marker, more = state.history  # the folder's own stretch, the warm start, this one
+    assert first["steps"] == [0, 2] and marker == {"warm_start_from_export_at_step": 2} and more["steps"] == [2, 3]
+    with pytest.raises(InputError, match="other settings.*batch"):
+        run(replace(SMALL, batch=4, steps=3), tmp_path / "other", warm_start=lab_folder)

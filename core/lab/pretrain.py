@@ -118,6 +118,7 @@ class Run:
             lr=config.lr,
         )
         self.ema = {k: v.detach().clone() for k, v in self._trained().items()}
+        self.history: list[dict] = []  # one entry per stretch of training: steps, processes, seconds
         self.stop_requested = False
 
     def _trained(self) -> dict[str, torch.Tensor]:
@@ -146,6 +147,7 @@ class Run:
             "vae_optimiser": self.vae_optimiser.state_dict(),
             "optimiser": self.optimiser.state_dict(),
             "ema": self.ema,
+            "history": self.history,
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".pt.tmp")
@@ -171,8 +173,32 @@ class Run:
         self.vae_optimiser.load_state_dict(state["vae_optimiser"])
         self.optimiser.load_state_dict(state["optimiser"])
         self.ema = state["ema"]
+        self.history = list(state.get("history", []))
         if self.scaling_factor is not None:
             self.vae.register_to_config(scaling_factor=self.scaling_factor)
+
+    def warm_start(self, model_folder: Path) -> None:
+        """Continue from an exported model folder (its fp16 EMA weights become the weights and the EMA; AdamW starts
+        afresh; the step counters continue, so the data and noise draws go on where the folder's run stopped)."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        recipe = json.loads((Path(model_folder) / "lab.json").read_text())
+        saved, wanted = recipe["config"], _config_json(self.config)
+        differing = sorted(k for k in wanted if k != "steps" and saved.get(k) != wanted[k])
+        if differing:
+            raise InputError(f"warm start: {model_folder} was made with other settings ({', '.join(differing)})")
+        local = {"local_files_only": True, "torch_dtype": torch.float32}
+        self.vae.load_state_dict(AutoencoderKL.from_pretrained(model_folder, subfolder="vae", **local).state_dict())
+        unet = UNet2DConditionModel.from_pretrained(model_folder, subfolder="unet", **local)
+        self.unet.load_state_dict(unet.state_dict())
+        text = CLIPTextModel.from_pretrained(model_folder, subfolder="text_encoder", **local)
+        self.text.load_state_dict(text.state_dict(), strict=False)
+        self.vae_step, self.step = recipe["vae_steps_done"], recipe["steps_done"]
+        self.seconds, self.scaling_factor = recipe["train_seconds"], recipe["scaling_factor"]
+        self.vae.register_to_config(scaling_factor=self.scaling_factor)
+        self.ema = {k: v.detach().clone() for k, v in self._trained().items()}
+        self.history = [*recipe.get("history", []), {"warm_start_from_export_at_step": self.step}]
 
     def log(self, record: dict) -> None:
         """Append one JSON line to log.jsonl."""
@@ -336,6 +362,7 @@ class Run:
             "steps_done": self.step,
             "scaling_factor": self.scaling_factor,
             "train_seconds": round(self.seconds, 1),
+            "history": self.history,
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "weights": "EMA of the UNet and text encoder; fp16",
@@ -368,6 +395,7 @@ def run(
     folder: Path,
     resume: bool = False,
     minutes: float | None = None,
+    warm_start: Path | None = None,
     checkpoint_every: int = 250,
     preview_every: int = 1000,
     log_every: int = 25,
@@ -384,6 +412,9 @@ def run(
         if not resume:
             raise InputError(f"out: {state.state_path} exists; add --resume to continue it, or choose another --out")
         state.resume()
+    elif warm_start is not None:
+        state.warm_start(warm_start)
+    first = {"vae_step": state.vae_step, "step": state.step, "seconds": state.seconds}
     deadline = None if minutes is None else time.monotonic() + 60 * minutes
 
     def request_stop(_signum: int, _frame: object) -> None:
@@ -417,6 +448,13 @@ def run(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        state.history.append({
+            "vae_steps": [first["vae_step"], state.vae_step],
+            "steps": [first["step"], state.step],
+            "processes": world,
+            "threads": torch.get_num_threads(),
+            "seconds": round(state.seconds - first["seconds"], 1),
+        })
         if writer:
             state.save()
     return state
@@ -466,6 +504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (the shipped run used 1)")
+    parser.add_argument(
+        "--warm-start", type=Path, default=None,
+        help="continue from an exported model folder (fresh AdamW; step counters and draws go on from its lab.json)",
+    )
     parser.add_argument("--export", type=Path, default=None, help=f"write the EMA weights as a model folder ({MODEL_FOLDER})")
     parser.add_argument("--overwrite", action="store_true", help="with --export: replace an existing folder")
     args = parser.parse_args(argv)
@@ -477,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"lab model: {path}")
             return 0
         config = PretrainConfig(seed=args.seed, batch=args.batch, vae_steps=args.vae_steps, steps=args.steps)
-        state = run(config, args.out, resume=args.resume, minutes=args.minutes)
+        state = run(config, args.out, resume=args.resume, minutes=args.minutes, warm_start=args.warm_start)
         print(f"stopped at VAE step {state.vae_step}, UNet step {state.step}, {state.seconds / 60:.1f} min of training")
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
