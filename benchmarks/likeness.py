@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # one-thread workers side by side: no spinning OpenMP threads
+
 DEFAULT_METHODS = ("class word", "TI 320", "Cross-Init 320", "Cross-Init fast 25")
 
 
@@ -115,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     started = time.perf_counter()
     jobs = [(i, args.methods, args.seeds, args.model) for i in range(args.subjects)]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
