@@ -30,8 +30,8 @@ from .identity import Identity
 from .memory import MEMORY_MODES
 from .models import PREDICTION_TYPES
 from .protocols import SLOT, Model
-from .templates import TEMPLATE_KINDS
 from .score import add_score_parser, run_score
+from .templates import TEMPLATE_KINDS
 from .trainer import OUT_OF_MEMORY, PRESETS, TrainResult
 
 EXIT_INPUT, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
@@ -162,6 +162,9 @@ def _output_paths(args: argparse.Namespace) -> dict[str, Path]:
     paths = {"identity": out, "curve": out.with_suffix(".loss.png"), "attention": out.with_suffix(".attention.png")}
     if _wants_samples(args):
         paths["samples"] = out.with_suffix(".samples.png")
+        for prompt in args.sample_prompts or ():
+            if SLOT not in prompt:
+                raise InputError(f"--sample-prompts: '{prompt}' has no {SLOT} for the identity; write e.g. 'a photo of {SLOT}'")
     if args.legacy_pt:
         paths["legacy"] = out.with_suffix(".pt")
     for path in paths.values():
@@ -179,16 +182,15 @@ def _wants_samples(args: argparse.Namespace) -> bool:
 def _write_samples(model: Model, result: TrainResult, args: argparse.Namespace, token: str, pictures: list,
                    resolution: int) -> Path:
     """References, then the prompts with the identity, then the same prompts and seed with the class word."""
-    from .images import save_png_atomic
-    from .sample import generate, sample_sheet
-
+    from .images import resize_and_crop, save_png_atomic, to_rgb
     from .lab.evaluation import DEMO_PROMPTS
+    from .sample import generate, sample_sheet
 
     prompts = list(args.sample_prompts or DEMO_PROMPTS)
     rows = {enc.key: result.identity.rows_for(enc.key, enc.width) for enc in model.encoders}
     with_identity = generate(model, prompts, rows, seed=args.seed, resolution=resolution)
     without = generate(model, [p.replace(SLOT, "a person") for p in prompts], seed=args.seed, resolution=resolution)
-    references = [np.asarray(p.resize((resolution, resolution))) for p in pictures]
+    references = [np.asarray(resize_and_crop(to_rgb(p), resolution)) for p in pictures]
     sheet = sample_sheet(
         [
             ("the pictures it trained on", references),
@@ -408,7 +410,10 @@ def run_train(args: argparse.Namespace) -> int:
     written = _save(result, args, plan.paths, plan.token, images)
     if "samples" in plan.paths and not result.stopped:
         print(f"drawing {plan.paths['samples'].name} ...", file=sys.stderr)
-        written.append(_write_samples(model, result, args, plan.token, plan.pictures, resolution))
+        try:
+            written.append(_write_samples(model, result, args, plan.token, plan.pictures, resolution))
+        except OSError as error:
+            log.warning("could not write the sample sheet (%s); the identity is saved", error.strerror or error)
     for path in written:
         print(f"wrote {path}")
     return _report_stop(result, trainer.steps_done, written[0], config.batch_size, resolution)

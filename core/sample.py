@@ -49,8 +49,8 @@ def generate(
     The noise comes from a CPU generator seeded with seed, so a seed gives the same pictures on every machine type up
     to float rounding. guidance 1 turns classifier-free guidance off (no unconditional pass).
     """
-    if steps < 1 or guidance < 0:
-        raise InputError(f"sampling: steps must be >= 1 and guidance >= 0 (got {steps} and {guidance})")
+    if not 1 <= steps <= 500 or guidance < 0:
+        raise InputError(f"sampling: steps must be 1 to 500 and guidance >= 0 (got {steps} and {guidance})")
     denoiser = model.denoiser
     unet, vae = getattr(denoiser, "unet", None), getattr(denoiser, "vae", None)
     if unet is None or vae is None:

@@ -19,7 +19,7 @@ from core.lab.model import MODEL_FOLDER
 from core.models import LAB_NAME, load_model
 
 # What the shipped weights (7,784 steps) realise, measured in docs/LIKENESS.md: glasses, expression and scene in
-# 97-100% of captions that state them. Hair and eye colour and pose are at chance there, so the 80% over all
+# every one of 48 captions that state them. Hair and eye colour and pose are at chance there, so the 80% over all
 # stated attributes is not met and not asserted; these three are, with a margin.
 LEARNED_ATTRIBUTES = ("glasses", "expression", "scene")
 LEARNED_FLOOR = 0.85
@@ -46,7 +46,12 @@ def test_the_readme_main_job_writes_a_sample_sheet(tmp_path: Path, monkeypatch: 
     assert code == 0
     sheet = np.asarray(Image.open(out.with_suffix(".samples.png")).convert("RGB"))
     assert sheet.shape[0] > 3 * 96 and sheet.shape[1] >= 4 * 96  # references, with identity, with the class word
-    assert sheet.std() > 20  # pictures, not a blank sheet
+    from core.sample import SHEET_LABEL, SHEET_TILE
+
+    for row in (1, 2):  # the generated rows hold pictures, not blank tiles
+        top = row * (SHEET_TILE + SHEET_LABEL) + SHEET_LABEL
+        tiles = sheet[top : top + SHEET_TILE, 4 : 4 + 4 * SHEET_TILE]
+        assert tiles.std() > 20 and (tiles < 250).mean() > 0.5, row
 
 
 def test_the_likeness_benchmark_writes_its_table(tmp_path: Path) -> None:

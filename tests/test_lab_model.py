@@ -16,7 +16,7 @@ from core.cross_init import column_means, initial_rows, output_rows
 from core.errors import InputError
 from core.lab import world
 from core.lab.model import LabSpec, build_components, is_lab_folder, parameter_counts
-from core.lab.pretrain import PretrainConfig, export, run, world_batch
+from core.lab.pretrain import PretrainConfig, Run, export, run, world_batch
 from core.models import LAB_NAME, check_model_spec, default_resolution, load_diffusers_folder
 from core.protocols import SLOT
 from core.sample import ddim_timesteps, generate
@@ -87,8 +87,14 @@ def test_a_run_refuses_to_overwrite_or_resume_another_recipe(tmp_path: Path) -> 
     run(replace(SMALL, steps=0, vae_steps=1), tmp_path / "r", checkpoint_every=1000, preview_every=1000)
     with pytest.raises(InputError, match="--resume"):
         run(SMALL, tmp_path / "r")
-    with pytest.raises(InputError, match="other settings.*batch"):
+    with pytest.raises(InputError, match="other settings.*batch: saved 2, given 3"):
         run(replace(SMALL, batch=3), tmp_path / "r", resume=True)
+    with pytest.raises(InputError, match="--warm-start.*exists already"):
+        run(SMALL, tmp_path / "r", resume=True, warm_start=tmp_path)
+    with pytest.raises(InputError, match="--resume: there is no"):
+        run(SMALL, tmp_path / "new", resume=True)
+    with pytest.raises(InputError, match="no state.pt"):
+        export(tmp_path / "new", tmp_path / "model")
 
 
 def test_world_batches_depend_only_on_seed_stage_and_step() -> None:
@@ -116,6 +122,12 @@ def test_sampler_is_deterministic_and_uses_identity_rows(lab_folder: Path) -> No
     with_a, empty_a, with_b, empty_b = seen
     assert not torch.allclose(with_a, with_b)  # the rows reach the conditional pass
     assert torch.equal(empty_a, empty_b)  # and not the unconditional one
+
+
+def test_the_sampler_refuses_more_steps_than_the_schedule_spaces(lab_folder: Path) -> None:
+    model = load_diffusers_folder(lab_folder, torch.device("cpu"))
+    with pytest.raises(InputError, match="steps must be 1 to 500"):
+        generate(model, ["a photo of a person"], steps=501)
 
 
 def test_ddim_timesteps_are_sds_leading_spacing() -> None:
@@ -169,6 +181,14 @@ def test_two_processes_train_as_one_with_the_whole_batch(tmp_path: Path) -> None
 def test_a_warm_start_continues_an_exported_folders_counters(lab_folder: Path, tmp_path: Path) -> None:
     state = run(replace(SMALL, steps=3), tmp_path / "more", warm_start=lab_folder, checkpoint_every=1000)
     assert (state.vae_step, state.step) == (2, 3)
+    exported = load_diffusers_folder(lab_folder, torch.device("cpu"))
+    started = Run(replace(SMALL, steps=3), tmp_path / "unused")
+    started.warm_start(lab_folder)
+    for key, value in exported.denoiser.unet.state_dict().items():
+        assert torch.equal(value, started.unet.state_dict()[key]), key
+    text = exported.encoders[0].model.state_dict()
+    assert all(torch.equal(v, started.text.state_dict()[k]) for k, v in text.items())
+    assert started.learning_rate() == pytest.approx(SMALL.lr / SMALL.warmup)  # the warm-up runs again
     first, marker, more = state.history  # the folder's own stretch, the warm start, this one
     assert first["steps"] == [0, 2] and marker == {"warm_start_from_export_at_step": 2} and more["steps"] == [2, 3]
     with pytest.raises(InputError, match="other settings.*batch"):

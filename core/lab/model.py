@@ -171,9 +171,14 @@ def save_folder(
     (tmp / MARKER).write_text(json.dumps(recipe, indent=1) + "\n")
     if names:
         (tmp / NAMES_FILE).write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+    old = folder.with_name(folder.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
     if folder.exists():
-        shutil.rmtree(folder)
+        folder.rename(old)  # a crash from here on leaves the old folder beside, never no model at all
     tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
     return folder
 
 

@@ -99,6 +99,8 @@ class Run:
     """A pretraining run: components, optimisers, EMA and counters, saved to and resumed from one folder."""
 
     def __init__(self, config: PretrainConfig, folder: Path, rank: int = 0, world: int = 1) -> None:
+        if config.vae_steps < 1 or config.batch < 1:
+            raise InputError(f"--vae-steps/--batch: need at least 1 (got {config.vae_steps}, {config.batch})")
         if config.batch % world:
             raise InputError(f"batch: {config.batch} does not split over {world} processes; use a multiple of {world}")
         self.rank, self.world = rank, world
@@ -119,6 +121,7 @@ class Run:
         )
         self.ema = {k: v.detach().clone() for k, v in self._trained().items()}
         self.history: list[dict] = []  # one entry per stretch of training: steps, processes, seconds
+        self.warmup_from = 0  # the step the learning-rate warm-up starts from (a warm start's step)
         self.stop_requested = False
 
     def _trained(self) -> dict[str, torch.Tensor]:
@@ -148,6 +151,7 @@ class Run:
             "optimiser": self.optimiser.state_dict(),
             "ema": self.ema,
             "history": self.history,
+            "warmup_from": self.warmup_from,
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".pt.tmp")
@@ -157,14 +161,7 @@ class Run:
     def resume(self) -> None:
         """Load state.pt (tensors and plain values only); refuse one made with another recipe."""
         state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        saved = state["config"]
-        wanted = _config_json(self.config)
-        differing = sorted(k for k in wanted if k != "steps" and saved.get(k) != wanted[k])
-        if differing:
-            raise InputError(
-                f"resume: {self.state_path} was made with other settings ({', '.join(differing)}); "
-                "use the same options, or another --out"
-            )
+        _check_same_recipe(state["config"], self.config, "resume", self.state_path)
         self.vae_step, self.step, self.seconds = state["vae_step"], state["step"], state["seconds"]
         self.scaling_factor = state["scaling_factor"]
         self.vae.load_state_dict(state["vae"])
@@ -174,6 +171,7 @@ class Run:
         self.optimiser.load_state_dict(state["optimiser"])
         self.ema = state["ema"]
         self.history = list(state.get("history", []))
+        self.warmup_from = int(state.get("warmup_from", 0))
         if self.scaling_factor is not None:
             self.vae.register_to_config(scaling_factor=self.scaling_factor)
 
@@ -183,22 +181,23 @@ class Run:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        recipe = json.loads((Path(model_folder) / "lab.json").read_text())
-        saved, wanted = recipe["config"], _config_json(self.config)
-        differing = sorted(k for k in wanted if k != "steps" and saved.get(k) != wanted[k])
-        if differing:
-            raise InputError(f"warm start: {model_folder} was made with other settings ({', '.join(differing)})")
+        marker = Path(model_folder) / "lab.json"
+        if not marker.is_file():
+            raise InputError(f"--warm-start: {model_folder} has no lab.json; give a folder written by --export")
+        recipe = json.loads(marker.read_text())
+        _check_same_recipe(recipe["config"], self.config, "--warm-start", model_folder)
         local = {"local_files_only": True, "torch_dtype": torch.float32}
         self.vae.load_state_dict(AutoencoderKL.from_pretrained(model_folder, subfolder="vae", **local).state_dict())
         unet = UNet2DConditionModel.from_pretrained(model_folder, subfolder="unet", **local)
         self.unet.load_state_dict(unet.state_dict())
         text = CLIPTextModel.from_pretrained(model_folder, subfolder="text_encoder", **local)
-        self.text.load_state_dict(text.state_dict(), strict=False)
+        _load_text_weights(self.text, text.state_dict())
         self.vae_step, self.step = recipe["vae_steps_done"], recipe["steps_done"]
         self.seconds, self.scaling_factor = recipe["train_seconds"], recipe["scaling_factor"]
         self.vae.register_to_config(scaling_factor=self.scaling_factor)
         self.ema = {k: v.detach().clone() for k, v in self._trained().items()}
         self.history = [*recipe.get("history", []), {"warm_start_from_export_at_step": self.step}]
+        self.warmup_from = self.step
 
     def log(self, record: dict) -> None:
         """Append one JSON line to log.jsonl."""
@@ -277,8 +276,9 @@ class Run:
         return (weight * per_sample).mean()
 
     def learning_rate(self) -> float:
-        """Linear warm-up, then constant (a run may be extended by resuming with more steps)."""
-        return self.config.lr * min(1.0, (self.step + 1) / self.config.warmup)
+        """Linear warm-up (again after a warm start, whose AdamW is fresh), then constant (a run may be extended by
+        resuming with more steps)."""
+        return self.config.lr * min(1.0, (self.step - self.warmup_from + 1) / self.config.warmup)
 
     def train_step(self) -> float:
         """One UNet + text encoder step, then the EMA update."""
@@ -344,9 +344,7 @@ class Run:
         parts["vae"].load_state_dict(self.vae.state_dict())
         parts["vae"].register_to_config(scaling_factor=self.scaling_factor or 1.0)
         parts["unet"].load_state_dict({k[5:]: v for k, v in self.ema.items() if k.startswith("unet.")})
-        parts["text_encoder"].load_state_dict(
-            {k[13:]: v for k, v in self.ema.items() if k.startswith("text_encoder.")}, strict=False
-        )
+        _load_text_weights(parts["text_encoder"], {k[13:]: v for k, v in self.ema.items() if k.startswith("text_encoder.")})
         for part in parts.values():
             if isinstance(part, torch.nn.Module):
                 part.eval().requires_grad_(False)
@@ -363,7 +361,6 @@ class Run:
             "scaling_factor": self.scaling_factor,
             "train_seconds": round(self.seconds, 1),
             "history": self.history,
-            "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "weights": "EMA of the UNet and text encoder; fp16",
         }
@@ -381,6 +378,25 @@ class Run:
         path = self.folder / "preview.png"
         Image.fromarray(np.concatenate(rows, axis=0)).resize((6 * 96, 2 * 96), Image.NEAREST).save(path)
         return path
+
+
+def _check_same_recipe(saved: dict, config: PretrainConfig, what: str, source: Path) -> None:
+    """Refuse to continue a run made with other settings than config (all but the step count), naming them."""
+    wanted = _config_json(config)
+    differing = [f"{k}: saved {saved.get(k)!r}, given {wanted[k]!r}" for k in wanted if k != "steps" and saved.get(k) != wanted[k]]
+    if differing:
+        raise InputError(
+            f"{what}: {source} was made with other settings ({'; '.join(differing)}); pass the saved values, "
+            "or use another --out"
+        )
+
+
+def _load_text_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load text-encoder weights; only the position-id buffer may be missing (transformers keeps it out of files)."""
+    result = module.load_state_dict(weights, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise InputError(f"text encoder weights: missing {missing}, unexpected {result.unexpected_keys}")
 
 
 def _config_json(config: PretrainConfig) -> dict:
@@ -411,7 +427,11 @@ def run(
     if state.state_path.exists():
         if not resume:
             raise InputError(f"out: {state.state_path} exists; add --resume to continue it, or choose another --out")
+        if warm_start is not None:
+            raise InputError(f"--warm-start: {state.state_path} exists already; drop --warm-start to resume that run")
         state.resume()
+    elif resume:
+        raise InputError(f"--resume: there is no {state.state_path} to continue; drop --resume to start the run")
     elif warm_start is not None:
         state.warm_start(warm_start)
     first = {"vae_step": state.vae_step, "step": state.step, "seconds": state.seconds}
@@ -474,16 +494,17 @@ def _process_group() -> tuple[int, int]:
 
 def export(folder: Path, out: Path, overwrite: bool = False) -> Path:
     """Write a run's EMA weights as the fp16 diffusers folder core loads."""
-    config = PretrainConfig()
-    state = Run(config, folder)
-    saved = torch.load(state.state_path, map_location="cpu", weights_only=True)["config"]
+    state_path = Path(folder) / "state.pt"
+    if not state_path.is_file():
+        raise InputError(f"--out: {folder} holds no state.pt; give the run folder that pretraining wrote")
+    if out.exists() and not overwrite:
+        raise InputError(f"export: {out} exists; add --overwrite to replace it")
+    saved = torch.load(state_path, map_location="cpu", weights_only=True)["config"]
     config = PretrainConfig(**{k: v for k, v in saved.items() if k != "spec"}, spec=LabSpec(**_spec_args(saved["spec"])))
     state = Run(config, folder)
     state.resume()
     if state.scaling_factor is None:
         raise InputError(f"export: {folder} has not finished the VAE stage yet; train further first")
-    if out.exists() and not overwrite:
-        raise InputError(f"export: {out} exists; add --overwrite to replace it")
     names = world.celebrity_names(world.famous_subjects(config.famous))
     return save_folder(state.ema_parts(), out, state.recipe(), names)
 
