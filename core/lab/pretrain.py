@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +78,16 @@ def _torch_generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + stage) * 10_000_019 + step)
 
 
+@lru_cache(maxsize=4)
+def _famous(count: int) -> tuple[world.Subject, ...]:
+    """The world's famous subjects, made once per count (about 45 ms each time; every step needs them)."""
+    return tuple(world.famous_subjects(count))
+
+
 def world_batch(config: PretrainConfig, stage: int, step: int) -> tuple[torch.Tensor, list[str]]:
     """Pixels in [-1, 1] (B, 3, 32, 32) and captions of one step, with caption dropout applied."""
     rng = _rng(config.seed, stage, step)
-    subjects = world.famous_subjects(config.famous)
+    subjects = _famous(config.famous)
     images, captions = [], []
     for _ in range(config.batch):
         image, text, _labels = world.pretraining_sample(subjects, rng)
@@ -316,25 +323,23 @@ class Run:
             param.grad = flat[offset : offset + grad.numel()].view_as(grad).clone()
             offset += grad.numel()
 
-    def agree_to_stop(self, stop: bool) -> bool:
-        """Whether any process wants to stop (all processes then stop at the same step)."""
-        if self.world == 1:
-            return stop
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if stop else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def mean_over_processes(self, value: float) -> float:
-        """The mean of a number over the processes."""
+    def _reduced(self, value: float, largest: bool = False) -> float:
+        """A number summed (or its largest value, with largest) over the processes."""
         if self.world == 1:
             return value
         import torch.distributed as dist
 
         total = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(total)
-        return float(total.item()) / self.world
+        dist.all_reduce(total, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM)
+        return float(total.item())
+
+    def agree_to_stop(self, stop: bool) -> bool:
+        """Whether any process wants to stop (all processes then stop at the same step)."""
+        return self._reduced(float(stop), largest=True) > 0
+
+    def mean_over_processes(self, value: float) -> float:
+        """The mean of a number over the processes."""
+        return self._reduced(value) / self.world
 
     # --- the trained model -----------------------------------------------------------------------------------------
 
@@ -505,7 +510,7 @@ def export(folder: Path, out: Path, overwrite: bool = False) -> Path:
     state.resume()
     if state.scaling_factor is None:
         raise InputError(f"export: {folder} has not finished the VAE stage yet; train further first")
-    names = world.celebrity_names(world.famous_subjects(config.famous))
+    names = world.celebrity_names(_famous(config.famous))
     return save_folder(state.ema_parts(), out, state.recipe(), names)
 
 
