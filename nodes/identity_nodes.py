@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,9 +157,10 @@ class TrainIdentityToken:
                     "3-5 photos of the subject, of any sizes (connect Collect Photos, or one Load Image); each is "
                     "resized and centre-cropped to the training resolution."
                 )}),
-                "preset": (list(PRESETS), {"default": "Cross-Init", "tooltip": (
+                "preset": (list(PRESETS), {"default": "Cross-Init", "presets": preset_widget_values(), "tooltip": (
                     "Cross-Init: 320 steps, 2 tokens, lr 0.005, batch 8. Cross-Init fast: the same in 25 steps. "
-                    "Textual Inversion: 5000 steps, 1 token from 'person', lr 1e-4, batch 16."
+                    "Textual Inversion: 5000 steps, 1 token from 'person', lr 1e-4, batch 16. Choosing one fills "
+                    "steps, learning_rate, batch_size and reg_weight with its values; change them after if you like."
                 )}),
                 "steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Optimisation steps; 0 uses the preset's."}),
                 "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": (
@@ -252,10 +254,19 @@ class TrainIdentityToken:
         check_stage_count(config.stages, config.steps)  # before the photos are encoded
         start = _normal(_first(init)) if init and _first(init) is not None else None
         progress = _Progress(config.steps, _first(unique_id))
-        latents = encode_training_latents(core_model, pixels, config.flip_p > 0)  # VAE first: it cannot evict the UNet
-        with trainable(_first(model), _first(clip)):
-            trainer = Trainer(core_model, pixels, config, init=start, masks=masks, latents=latents, face_masks=face_masks)
-            result = trainer.run(on_step=progress, should_stop=mm.processing_interrupted)
+        try:
+            latents = encode_training_latents(core_model, pixels, config.flip_p > 0)  # VAE first: no UNet eviction
+            with trainable(_first(model), _first(clip)):
+                trainer = Trainer(core_model, pixels, config, init=start, masks=masks, latents=latents, face_masks=face_masks)
+                progress.begin()
+                result = trainer.run(on_step=progress, should_stop=mm.processing_interrupted)
+        except mm.InterruptProcessingException:  # the server's progress hook raises it on Cancel
+            progress.ended(*_ending("cancelled"))
+            raise
+        except Exception as error:
+            progress.ended("stopped", f"{type(error).__name__}: {error}")
+            raise
+        progress.ended(*_ending(result.stopped))
         if result.stopped == "cancelled":
             raise mm.InterruptProcessingException()
         if result.stopped.startswith(OUT_OF_MEMORY):
@@ -269,22 +280,61 @@ class TrainIdentityToken:
         return (result.identity, _image_tensor(curve), _image_tensor(attention_picture(pixels, result.attention)))
 
 
+def preset_widget_values() -> dict[str, dict[str, float]]:
+    """Each preset's steps, learning_rate, batch_size and reg_weight: the front-end fills the widgets with them."""
+    values = {}
+    for label, name in PRESETS.items():
+        config = preset_config(name)
+        values[label] = {"steps": config.steps, "learning_rate": config.learning_rate,
+                         "batch_size": config.batch_size, "reg_weight": config.reg_weight}
+    return values
+
+
+def _ending(stopped: str) -> tuple[str, str]:
+    """(state, reason) for the front-end from a TrainResult.stopped: finished, cancelled or stopped."""
+    if not stopped:
+        return "finished", ""
+    if stopped == "cancelled":
+        return "cancelled", "Cancel pressed"
+    return "stopped", stopped
+
+
 class _Progress:
-    """Step callback: ComfyUI's progress bar plus a websocket event with the loss for the pack's front-end."""
+    """Step callback: ComfyUI's progress bar plus websocket events for the pack's live view (progress with the
+    loss and elapsed time; a status when training starts and ends)."""
 
     def __init__(self, total: int, node_id: str | None) -> None:
         import comfy.utils
 
         self.bar = comfy.utils.ProgressBar(total)
         self.node_id = node_id
+        self.total = total
         self.server = _prompt_server()
+        self.step = 0
+        self.started = time.monotonic()
+        self._send("identity_tokens.status", {"state": "running", "step": 0, "total": total})
+
+    def begin(self) -> None:
+        """Training proper starts now (the photos are encoded): elapsed time and time left count from here."""
+        self.started = time.monotonic()
+
+    def _send(self, event: str, detail: dict) -> None:
+        """One event to the client that queued the prompt (nothing outside a server)."""
+        if self.server is not None:
+            self.server.send_sync(event, {"node": self.node_id, **detail}, getattr(self.server, "client_id", None))
 
     def __call__(self, step: int, total: int, loss: float) -> None:
         """Report one finished step."""
         self.bar.update_absolute(step, total)
-        if self.server is not None:
-            event = {"node": self.node_id, "step": step, "total": total, "loss": loss}
-            self.server.send_sync("identity_tokens.progress", event, getattr(self.server, "client_id", None))
+        self.step = step
+        elapsed = round(time.monotonic() - self.started, 2)
+        self._send("identity_tokens.progress", {"step": step, "total": total, "loss": loss, "elapsed": elapsed})
+
+    def ended(self, state: str, reason: str) -> None:
+        """Report how training ended: finished, cancelled or stopped (with the reason)."""
+        elapsed = round(time.monotonic() - self.started, 2)
+        self._send("identity_tokens.status", {"state": state, "reason": reason, "step": self.step,
+                                              "total": self.total, "elapsed": elapsed})
 
 
 def _prompt_server() -> object | None:

@@ -23,7 +23,7 @@ import comfy.model_patcher  # noqa: E402
 import comfy.utils  # noqa: E402
 from identity_tokens.core.errors import InputError  # noqa: E402
 from identity_tokens.core.identity import Identity  # noqa: E402
-from identity_tokens.core.trainer import Trainer, TrainResult  # noqa: E402
+from identity_tokens.core.trainer import Trainer, TrainResult, preset_config  # noqa: E402
 from identity_tokens.nodes import identity_nodes  # noqa: E402
 from identity_tokens.nodes.comfy_backend import clip_encoders  # noqa: E402
 from identity_tokens.nodes.conditioning import NAME_PREFIX  # noqa: E402
@@ -252,6 +252,61 @@ def test_cancel_interrupts_training(comfy_tiny: TinyFactory, embeddings: Path, p
         _train(comfy_tiny("sd1"), [_photos()], steps=6)
     assert seen == [(1, 6)]  # it stopped before a second step
     assert list(embeddings.iterdir()) == []
+
+
+@pytest.fixture()
+def sent_events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict]]:
+    """The websocket events the training node sends, through a stand-in for ComfyUI's PromptServer."""
+    events: list[tuple[str, dict]] = []
+
+    class Server:
+        client_id = "test"
+
+        def send_sync(self, event: str, data: dict, client: str | None) -> None:
+            events.append((event, dict(data)))
+
+    monkeypatch.setattr(identity_nodes, "_prompt_server", Server)
+    return events
+
+
+def test_the_live_view_hears_progress_and_how_the_run_ended(comfy_tiny: TinyFactory, embeddings: Path,
+                                                             sent_events: list, progress_hook: Callable) -> None:
+    _train(comfy_tiny("sd1"), [_photos()], steps=2, unique_id=["7"])
+    names = [name for name, _ in sent_events]
+    assert names == ["identity_tokens.status"] + ["identity_tokens.progress"] * 2 + ["identity_tokens.status"]
+    start, first, second, end = (data for _, data in sent_events)
+    assert start == {"node": "7", "state": "running", "step": 0, "total": 2}
+    assert (first["step"], second["step"], first["total"]) == (1, 2, 2) and math.isfinite(first["loss"])
+    assert 0 <= first["elapsed"] <= second["elapsed"] <= end["elapsed"]
+    assert (end["state"], end["reason"], end["step"]) == ("finished", "", 2)
+    sent_events.clear()
+    progress_hook(lambda value, total: comfy.model_management.interrupt_current_processing(True))
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _train(comfy_tiny("sd1"), [_photos()], steps=6, unique_id=["7"])
+    assert sent_events[-1][1] | {"elapsed": 0} == {"node": "7", "state": "cancelled", "reason": "Cancel pressed",
+                                                   "step": 1, "total": 6, "elapsed": 0}
+
+
+def test_the_stopped_state_names_the_error(comfy_tiny: TinyFactory, embeddings: Path, sent_events: list,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*_args: object, **_kwargs: object) -> TrainResult:
+        raise RuntimeError("the GPU fell over")
+
+    monkeypatch.setattr(Trainer, "run", fail)
+    with pytest.raises(RuntimeError, match="fell over"):
+        _train(comfy_tiny("sd1"), [_photos()], steps=2, unique_id=["7"])
+    assert sent_events[-1][1]["state"] == "stopped" and sent_events[-1][1]["reason"] == "RuntimeError: the GPU fell over"
+
+
+def test_the_preset_input_lists_every_presets_widget_values() -> None:
+    """What the front-end fills the widgets with is what the trainer would use for 0 / -1."""
+    options = TrainIdentityToken.INPUT_TYPES()["required"]["preset"][1]
+    assert set(options["presets"]) == set(options_names := TrainIdentityToken.INPUT_TYPES()["required"]["preset"][0])
+    for label in options_names:
+        config = preset_config(identity_nodes.PRESETS[label])
+        assert options["presets"][label] == {"steps": config.steps, "learning_rate": config.learning_rate,
+                                             "batch_size": config.batch_size, "reg_weight": config.reg_weight}
+    assert options["presets"]["Textual Inversion"]["steps"] == 5000 and options["presets"]["Cross-Init"]["steps"] == 320
 
 
 def test_train_identity_token_short_run(fresh_comfy_tiny: TinyFactory, embeddings: Path,

@@ -26,8 +26,9 @@ USER_VALUES: dict[str, dict[str, dict[str, Any]]] = {
         "2": {"image": "photo_1.jpg"},  # the user uploads their own photos into the three Load Image nodes
         "13": {"image": "photo_2.jpg"},
         "14": {"image": "photo_3.jpg"},
-        # steps 0: the preset's 320; resolution 0: the checkpoint's native size (CI trains the tiny model at 64)
-        "3": {"preset": "Cross-Init", "steps": 0, "batch_size": 8, "resolution": 0},
+        # the preset's values as the front-end fills them; resolution 0: the checkpoint's native size (CI: 64)
+        "3": {"preset": "Cross-Init", "steps": 320, "learning_rate": 0.005, "batch_size": 8, "reg_weight": 1e-05,
+              "resolution": 0},
         "4": {"name": "my-identity"},
         "8": {"width": 512, "height": 512},
         "9": {"steps": 20},
@@ -39,7 +40,8 @@ USER_VALUES: dict[str, dict[str, dict[str, Any]]] = {
         "3": {"image": "photo_2.jpg"},
         "4": {"image": "photo_3.jpg"},
         "6": {"size": 512},  # the training resolution; CI trains the tiny model at 64
-        "8": {"preset": "Cross-Init", "steps": 0, "batch_size": 8, "resolution": 0},
+        "8": {"preset": "Cross-Init", "steps": 320, "learning_rate": 0.005, "batch_size": 8, "reg_weight": 1e-05,
+              "resolution": 0},
         "11": {"name": "my-face"},
         "14": {"width": 512, "height": 512},
         "15": {"steps": 20},

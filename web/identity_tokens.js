@@ -1,6 +1,8 @@
-// Identity Tokens front-end: a live loss chart and step counter drawn on the Train Identity Token node.
+// Identity Tokens front-end: preset values in the training widgets, and a live view (loss chart, step, time left,
+// how the run ended) on the Train Identity Token node. The logic lives in identity_tokens_core.js (unit-tested).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { STATE_COLOURS, chartPoints, fillPreset, onProgress, onStatus, presetTable, statusLine } from "./identity_tokens_core.js";
 
 const TRAIN_NODE = "IdentityTokens_TrainIdentityToken";
 const SIMILARITY_NODE = "IdentityTokens_FaceSimilarity";
@@ -36,59 +38,80 @@ function showReport(nodeType) {
   };
 }
 
-function drawLossChart(ctx, node, history) {
-  // Sparkline of the loss so far, under the widgets, with the latest step and loss as text.
-  const last = history[history.length - 1];
+function drawLiveView(ctx, node, run) {
+  // The loss sparkline under the widgets, and a line saying how the run stands (colour by state).
   const width = node.size[0] - 20;
   const top = node.size[1] - CHART_HEIGHT - 22;
-  const values = history.map((h) => h.loss);
-  const low = Math.min(...values);
-  const high = Math.max(...values);
-  const span = high - low || 1;
   ctx.save();
   ctx.fillStyle = "rgba(0,0,0,0.25)";
   ctx.fillRect(10, top, width, CHART_HEIGHT);
-  ctx.strokeStyle = "#6cf";
-  ctx.lineWidth = 1.5;
-  ctx.beginPath();
-  values.forEach((v, i) => {
-    const x = 10 + (values.length > 1 ? (i / (values.length - 1)) * width : 0);
-    const y = top + CHART_HEIGHT - ((v - low) / span) * (CHART_HEIGHT - 4) - 2;
-    if (i === 0) ctx.moveTo(x, y);
-    else ctx.lineTo(x, y);
-  });
-  ctx.stroke();
-  ctx.fillStyle = "#ddd";
+  const points = chartPoints(run.history.map((h) => h.loss), 10, top, width, CHART_HEIGHT);
+  if (points.length) {
+    ctx.strokeStyle = "#6cf";
+    ctx.lineWidth = 1.5;
+    ctx.beginPath();
+    points.forEach(([x, y], i) => (i === 0 ? ctx.moveTo(x, y) : ctx.lineTo(x, y)));
+    ctx.stroke();
+  }
+  ctx.fillStyle = STATE_COLOURS[run.state] ?? "#ddd";
   ctx.font = "12px sans-serif";
-  ctx.fillText(`step ${last.step}/${last.total}   loss ${last.loss.toFixed(4)}`, 12, top + CHART_HEIGHT + 15);
+  ctx.fillText(statusLine(run), 12, top + CHART_HEIGHT + 15, width);
   ctx.restore();
 }
 
+function updateRun(detail, change) {
+  // Apply one server event to its node's live view and redraw; the node grows once to make room.
+  const node = app.graph.getNodeById(Number(detail.node));
+  if (!node) return;
+  node.identityTokensRun = change(node.identityTokensRun, detail);
+  if (!node.identityTokensResized) {
+    node.setSize([node.size[0], node.size[1] + CHART_HEIGHT + 30]);
+    node.identityTokensResized = true;
+  }
+  node.setDirtyCanvas(true, false);
+}
+
+function fillPresets(nodeType, nodeData) {
+  // Preset widgets show the chosen preset's real values: on a new node, on choosing a preset, and on loading a
+  // workflow saved when 0 / -1 meant "the preset's" (the server still reads 0 / -1 that way).
+  const presets = presetTable(nodeData);
+  const created = nodeType.prototype.onNodeCreated;
+  nodeType.prototype.onNodeCreated = function () {
+    created?.apply(this, arguments);
+    const chooser = this.widgets?.find((w) => w.name === "preset");
+    if (!chooser) return;
+    fillPreset(this, presets, chooser.value);
+    const chosen = chooser.callback;
+    const node = this;
+    chooser.callback = function (value) {
+      const result = chosen?.apply(this, arguments);
+      if (fillPreset(node, presets, value ?? chooser.value).length) node.setDirtyCanvas(true, true);
+      return result;
+    };
+  };
+  const configured = nodeType.prototype.onConfigure;
+  nodeType.prototype.onConfigure = function () {
+    configured?.apply(this, arguments);
+    const chooser = this.widgets?.find((w) => w.name === "preset");
+    if (chooser) fillPreset(this, presets, chooser.value, true);
+  };
+}
+
 app.registerExtension({
-  name: "IdentityTokens.LossChart",
+  name: "IdentityTokens.LiveView",
   setup() {
-    api.addEventListener("identity_tokens.progress", ({ detail }) => {
-      const node = app.graph.getNodeById(Number(detail.node));
-      if (!node) return;
-      if (!node.identityTokensHistory || detail.step <= 1) node.identityTokensHistory = [];
-      node.identityTokensHistory.push(detail);
-      if (node.identityTokensHistory.length > 2000) node.identityTokensHistory.shift();
-      const needed = CHART_HEIGHT + 30;
-      if (!node.identityTokensResized) {
-        node.setSize([node.size[0], node.size[1] + needed]);
-        node.identityTokensResized = true;
-      }
-      node.setDirtyCanvas(true, false);
-    });
+    api.addEventListener("identity_tokens.progress", ({ detail }) => updateRun(detail, onProgress));
+    api.addEventListener("identity_tokens.status", ({ detail }) => updateRun(detail, onStatus));
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === SIMILARITY_NODE) showReport(nodeType);
     if (nodeData.name !== TRAIN_NODE) return;
+    fillPresets(nodeType, nodeData);
     const original = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function (ctx) {
       original?.apply(this, arguments);
-      if (this.flags?.collapsed || !this.identityTokensHistory?.length) return;
-      drawLossChart(ctx, this, this.identityTokensHistory);
+      if (this.flags?.collapsed || !this.identityTokensRun) return;
+      drawLiveView(ctx, this, this.identityTokensRun);
     };
   },
 });

@@ -1,0 +1,110 @@
+"""Test helper: Debian's Chromium driven by Playwright (the PyPI package with the system browser, no browser download),
+on a ComfyUI server's page, collecting page errors and console errors, with helpers for the canvas."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("IDENTITY_TOKENS_ARTIFACTS", ROOT / "test-artifacts")) / "browser"
+BROWSER_NAMES = ("chromium", "chromium-browser")
+PACK_URL = "/extensions/identity_tokens/"  # where ComfyUI serves the pack's web/ folder
+
+
+def find_chromium() -> str | None:
+    """The system Chromium's path, or None."""
+    return next((path for name in BROWSER_NAMES if (path := shutil.which(name))), None)
+
+
+def install_chromium() -> tuple[str | None, str]:
+    """Chromium from Debian's packages when it is missing (root and apt-get only): (path or None, why not)."""
+    found = find_chromium()
+    if found:
+        return found, ""
+    apt = shutil.which("apt-get")
+    if apt is None or os.geteuid() != 0:
+        return None, "Chromium is not installed and cannot be installed here (needs root and apt-get): apt install chromium"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    log = ""
+    for command in ([apt, "install", "-y", "-q", "chromium"], [apt, "update", "-q"], [apt, "install", "-y", "-q", "chromium"]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        log = (done.stdout + done.stderr)[-1500:]
+        if command[1] == "install" and done.returncode == 0 and find_chromium():
+            return find_chromium(), ""
+    return None, f"apt-get could not install Chromium: {log}"
+
+
+@dataclass
+class Page:
+    """A Playwright page on the ComfyUI front-end, with what went wrong on it."""
+
+    page: Any
+    errors: list[str] = field(default_factory=list)  # uncaught page errors, with their stacks
+    console_errors: list[str] = field(default_factory=list)
+
+    def pack_errors(self) -> list[str]:
+        """Errors whose text or stack names one of the pack's scripts."""
+        return [e for e in self.errors + self.console_errors if PACK_URL in e or "identity_tokens" in e]
+
+    def run(self, script: str, arg: object = None) -> Any:
+        """page.evaluate of a JS function expression."""
+        return self.page.evaluate(script, arg)
+
+    def screenshot(self, name: str) -> Path:
+        """A full-page screenshot in the artefacts folder."""
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        self.page.screenshot(path=str(path))
+        return path
+
+    def node_screenshot(self, node_id: int, name: str) -> Path:
+        """A screenshot of one node's box on the canvas (the canvas is redrawn first)."""
+        box = self.run(
+            """id => {
+                const node = app.graph.getNodeById(id);
+                app.canvas.draw(true, true);
+                const rect = app.canvas.canvas.getBoundingClientRect();
+                const [x, y] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT]);
+                const scale = app.canvas.ds.scale;
+                return {x: rect.left + x, y: rect.top + y, width: node.size[0] * scale,
+                        height: (node.size[1] + LiteGraph.NODE_TITLE_HEIGHT) * scale};
+            }""",
+            node_id,
+        )
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        self.page.screenshot(path=str(path), clip=box)
+        return path
+
+
+@contextmanager
+def open_front_end(executable: str, url: str, timeout_ms: float = 60_000) -> Iterator[Page]:
+    """Headless Chromium on the server's page, once ComfyUI's app has set up its graph and node types."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            watched = Page(page)
+            page.on("pageerror", lambda error: watched.errors.append(f"{error}\n{getattr(error, 'stack', '')}"))
+            page.on("console", lambda message: _console(watched, message))
+            page.goto(url)
+            page.wait_for_function("() => window.app?.graph && LiteGraph.registered_node_types", timeout=timeout_ms)
+            yield watched
+        finally:
+            browser.close()
+
+
+def _console(watched: Page, message: Any) -> None:
+    """Keep console errors with where they came from."""
+    if message.type == "error":
+        location = message.location or {}
+        watched.console_errors.append(f"{message.text} ({location.get('url', '')}:{location.get('lineNumber', '')})")
