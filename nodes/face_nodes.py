@@ -63,6 +63,7 @@ class FaceCrop:
     )
     RETURN_TYPES = ("IMAGE", "MASK")
     RETURN_NAMES = ("images", "masks")
+    OUTPUT_TOOLTIPS = ("Square crops around the largest face of each photo, at size.", "A soft face mask per crop: Face Attention Loss's masks, or Train Identity Token's mask.")
     FUNCTION = "crop"
     CATEGORY = CATEGORY
     INPUT_IS_LIST = True
@@ -114,6 +115,7 @@ class FaceAttentionLoss:
     )
     RETURN_TYPES = (FACE_LOSS,)
     RETURN_NAMES = ("face_loss",)
+    OUTPUT_TOOLTIPS = ("The face loss setting: connect to Train Identity Token's face_loss.",)
     FUNCTION = "make"
     CATEGORY = CATEGORY
     INPUT_IS_LIST = True

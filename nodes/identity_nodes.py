@@ -62,6 +62,7 @@ class CrossInitEmbed:
     )
     RETURN_TYPES = (IDENTITY,)
     RETURN_NAMES = ("identity",)
+    OUTPUT_TOOLTIPS = ("The starting identity: connect it to Train Identity Token's init (or Apply Identity as it is).",)
     FUNCTION = "make"
     CATEGORY = CATEGORY
 
@@ -106,6 +107,7 @@ class CollectPhotos:
     )
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("photos",)
+    OUTPUT_TOOLTIPS = ("The photos as a list, each at its own size: connect to Train Identity Token's images.",)
     OUTPUT_IS_LIST = (True,)
     FUNCTION = "collect"
     CATEGORY = CATEGORY
@@ -490,6 +492,7 @@ class ExportPlainIdentity:
     )
     RETURN_TYPES = (IDENTITY,)
     RETURN_NAMES = ("identity",)
+    OUTPUT_TOOLTIPS = ("A plain identity (one set of rows) that Save Identity writes for embedding:NAME, A1111 and diffusers.",)
     FUNCTION = "export"
     CATEGORY = CATEGORY
 
@@ -509,6 +512,7 @@ class LoadIdentity:
     DESCRIPTION = "Loads an identity (or any textual-inversion embedding) from models/embeddings."
     RETURN_TYPES = (IDENTITY,)
     RETURN_NAMES = ("identity",)
+    OUTPUT_TOOLTIPS = ("The identity from the file: connect to Apply Identity, or to Train Identity Token's init to go on training.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 

@@ -14,6 +14,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("IDENTITY_TOKENS_ARTIFACTS", ROOT / "test-artifacts")) / "browser"
+DOC_SCREENSHOTS = ROOT / "docs" / "images"  # IDENTITY_TOKENS_DOC_SCREENSHOTS=1: the workflow screenshots go here too
+UPDATE_DOCS = os.environ.get("IDENTITY_TOKENS_DOC_SCREENSHOTS") == "1"
 BROWSER_NAMES = ("chromium", "chromium-browser")
 PACK_URL = "/extensions/identity_tokens/"  # where ComfyUI serves the pack's web/ folder
 
@@ -56,6 +58,24 @@ class Page:
     def run(self, script: str, arg: object = None) -> Any:
         """page.evaluate of a JS function expression."""
         return self.page.evaluate(script, arg)
+
+    def fit_graph(self) -> None:
+        """Zoom and pan the canvas so every node is in view (at most 1:1), then redraw."""
+        self.run(
+            """() => {
+                const nodes = app.graph._nodes, title = LiteGraph.NODE_TITLE_HEIGHT, pad = 40;
+                const left = Math.min(...nodes.map(n => n.pos[0])), top = Math.min(...nodes.map(n => n.pos[1] - title));
+                const right = Math.max(...nodes.map(n => n.pos[0] + n.size[0]));
+                const bottom = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+                const canvas = app.canvas.canvas;
+                const scale = Math.min(1, canvas.width / (right - left + 2 * pad), canvas.height / (bottom - top + 2 * pad));
+                app.canvas.ds.scale = scale;
+                app.canvas.ds.offset = [-left + (canvas.width / scale - (right - left)) / 2,
+                                        -top + (canvas.height / scale - (bottom - top)) / 2];
+                app.canvas.setDirty(true, true);
+                app.canvas.draw(true, true);
+            }"""
+        )
 
     def screenshot(self, name: str) -> Path:
         """A full-page screenshot in the artefacts folder."""

@@ -9,6 +9,7 @@ where Chromium is missing and cannot be installed (needs root and apt-get).
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.browser import Page, install_chromium, open_front_end
+from tests.browser import DOC_SCREENSHOTS, UPDATE_DOCS, Page, install_chromium, open_front_end
 from tests.comfy_server import CHECKPOINT_NAME, ComfyServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,10 @@ def test_example_workflows_load_without_errors(front_end: Page, path: Path) -> N
     assert unknown == [], f"{path.name}: node types the front-end does not know: {unknown}"
     count = front_end.run("() => app.graph._nodes.length")
     assert count == len(json.loads(path.read_text())["nodes"])
-    front_end.screenshot(f"workflow_{path.stem}")
+    front_end.fit_graph()
+    shot = front_end.screenshot(f"workflow_{path.stem}")
+    if UPDATE_DOCS:  # docs/NODES.md shows these
+        shutil.copyfile(shot, DOC_SCREENSHOTS / shot.name)
     assert front_end.pack_errors() == []
 
 
