@@ -3,6 +3,7 @@ on a ComfyUI server's page, collecting page errors and console errors, with help
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,12 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
+from tests.comfy_server import CHECKPOINT_NAME
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("IDENTITY_TOKENS_ARTIFACTS", ROOT / "test-artifacts")) / "browser"
 DOC_SCREENSHOTS = ROOT / "docs" / "images"  # IDENTITY_TOKENS_DOC_SCREENSHOTS=1: the workflow screenshots go here too
 UPDATE_DOCS = os.environ.get("IDENTITY_TOKENS_DOC_SCREENSHOTS") == "1"
 BROWSER_NAMES = ("chromium", "chromium-browser")
 PACK_URL = "/extensions/identity_tokens/"  # where ComfyUI serves the pack's web/ folder
+TRAIN_NODE = "IdentityTokens_TrainIdentityToken"
+CHART_BLUE = np.array([0x66, 0xCC, 0xFF])  # the loss line's colour (#6cf) in web/identity_tokens.js
+FINISHED_GREEN = np.array([0x77, 0xDD, 0x77])  # the finished line's colour (#7d7)
 
 
 def find_chromium() -> str | None:
@@ -128,3 +137,100 @@ def _console(watched: Page, message: Any) -> None:
     if message.type == "error":
         location = message.location or {}
         watched.console_errors.append(f"{message.text} ({location.get('url', '')}:{location.get('lineNumber', '')})")
+
+
+def load_workflow(page: Page, workflow: dict) -> list[str]:
+    """Load a UI-format workflow into the graph; the node types the front-end does not know."""
+    return page.run(
+        """async workflow => {
+            await app.loadGraphData(workflow);
+            return app.graph._nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type);
+        }""",
+        workflow,
+    )
+
+
+def preset_widget_values(front_end: Page) -> dict:
+    """A new training node's widget values: fresh, after choosing Textual Inversion, after the user sets steps 123,
+    and a copy configured from its saved form with 0 / -1 in the preset widgets (a workflow from before)."""
+    return front_end.run(
+        """type => {
+            app.graph.clear();
+            const node = LiteGraph.createNode(type);
+            app.graph.add(node);
+            const read = () => Object.fromEntries(node.widgets.filter(w => w.name !== "preset").map(w => [w.name, w.value]));
+            const fresh = read();
+            const chooser = node.widgets.find(w => w.name === "preset");
+            chooser.value = "Textual Inversion";
+            chooser.callback(chooser.value);
+            const chosen = read();
+            node.widgets.find(w => w.name === "steps").value = 123;  // the user's own value is kept
+            const edited = read();
+            const saved = node.serialize();
+            saved.widgets_values.splice(1, 4, 0, 0, 0, -1);  // as a workflow saved when 0 / -1 meant the preset's
+            const loaded = LiteGraph.createNode(type);
+            app.graph.add(loaded);
+            loaded.configure(saved);
+            const old = Object.fromEntries(loaded.widgets.map(w => [w.name, w.value]));
+            return {fresh, chosen, edited, old};
+        }""",
+        TRAIN_NODE,
+    )
+
+
+def training_graph(front_end: Page, steps: int, name: str) -> int:
+    """The train_save_sample example on the tiny checkpoint at 64 px; the training node's id."""
+    load_workflow(front_end, json.loads((ROOT / "example_workflows" / "train_save_sample.json").read_text()))
+    return front_end.run(
+        """([checkpoint, steps, name]) => {
+            const all = type => app.graph._nodes.filter(n => n.type === type);
+            const set = (node, widget, value) => { node.widgets.find(w => w.name === widget).value = value; };
+            set(all("CheckpointLoaderSimple")[0], "ckpt_name", checkpoint);
+            all("LoadImage").forEach((node, i) => set(node, "image", ["astronaut.png", "coffee.png", "chelsea.png"][i]));
+            const train = all("IdentityTokens_TrainIdentityToken")[0];
+            set(train, "preset", "Cross-Init fast");
+            Object.entries({steps, batch_size: 1, resolution: 64}).forEach(([k, v]) => set(train, k, v));
+            set(all("IdentityTokens_SaveIdentity")[0], "name", name);
+            set(all("EmptyLatentImage")[0], "width", 64);
+            set(all("EmptyLatentImage")[0], "height", 64);
+            set(all("KSampler")[0], "steps", 1);
+            return train.id;
+        }""",
+        [CHECKPOINT_NAME, steps, name],
+    )
+
+
+def run_state(front_end: Page, node_id: int) -> dict:
+    """The training node's live-view state."""
+    return front_end.run(
+        """id => { const run = app.graph.getNodeById(id).identityTokensRun;
+                   return run ? {state: run.state, steps: run.history.length, reason: run.reason} : {state: "none"}; }""",
+        node_id,
+    )
+
+
+def colour_pixels(path: Path, colour: np.ndarray) -> int:
+    """How many pixels of a screenshot are within 40 of colour (each channel)."""
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB")).astype(int)
+    return int((np.abs(rgb - colour).max(axis=-1) < 40).sum())
+
+
+def search_results(page: Page, text: str) -> list[str]:
+    """Double-click the empty canvas, type text: the node search's results (each item's text, spaces collapsed);
+    the legacy front-end's LiteGraph search box or today's search dialog, whichever opens. Closed again after."""
+    page.page.mouse.dblclick(700, 500)
+    legacy = page.page.locator(".litesearchbox input")
+    today = page.page.locator("li.p-autocomplete-option")
+    page.page.wait_for_timeout(500)
+    if legacy.count():
+        legacy.first.press_sequentially(text)
+        items = page.page.locator(".litesearchbox .lite-search-item")
+    else:
+        page.page.keyboard.type(text)
+        items = today
+    page.page.wait_for_timeout(500)
+    found = [" ".join(t.split()) for t in items.all_inner_texts()]
+    page.page.keyboard.press("Escape")
+    page.page.wait_for_timeout(200)
+    return found

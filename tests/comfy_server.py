@@ -244,12 +244,14 @@ class ComfyServer:
         timeout: float = 120.0,
         extra_args: tuple[str, ...] = (),
         pack: Path = ROOT,
+        python: str = sys.executable,
     ) -> ComfyServer:
         """Create the base folder, start main.py on a free port and wait until /object_info answers.
 
         checkpoint is linked as models/checkpoints/tiny_sd15.safetensors, photo is copied to input/astronaut.png (and
         mirrored to astronaut_flip.png) next to SAMPLE_PHOTOS' other photos (coffee.png, chelsea.png: other sizes), pack
-        (default: this repository) is linked as custom_nodes/identity_tokens.
+        (default: this repository) is linked as custom_nodes/identity_tokens; python runs the server (another venv's, for
+        another ComfyUI).
         """
         if not (Path(comfyui_dir) / "main.py").is_file():
             raise ServerError(f"{comfyui_dir} is not a ComfyUI folder (no main.py)")
@@ -259,7 +261,7 @@ class ComfyServer:
         self.log_path = self.base / "server.log"
         self._log_handle = open(self.log_path, "wb")  # closed in stop()
         command = [
-            sys.executable, "-u", str(self.base / "launch_comfyui.py"),
+            python, "-u", str(self.base / "launch_comfyui.py"),
             str(Path(comfyui_dir).resolve()), str(self.base),
             "--cpu", "--listen", HOST, "--port", str(self.port), "--disable-auto-launch",
             "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),

@@ -16,7 +16,7 @@ from core.cross_init import column_means, initial_rows, output_rows
 from core.errors import InputError
 from core.lab import world
 from core.lab.model import LabSpec, build_components, is_lab_folder, parameter_counts
-from core.lab.pretrain import PretrainConfig, Run, export, run, world_batch
+from core.lab.pretrain import PretrainConfig, Run, draw_timesteps, export, loss_weight, run, world_batch
 from core.models import LAB_NAME, check_model_spec, default_resolution, load_diffusers_folder
 from core.protocols import SLOT
 from core.sample import ddim_timesteps, generate
@@ -130,9 +130,25 @@ def test_the_sampler_refuses_more_steps_than_the_schedule_spaces(lab_folder: Pat
         generate(model, ["a photo of a person"], steps=501)
 
 
-def test_ddim_timesteps_are_sds_leading_spacing() -> None:
+def test_ddim_timesteps_are_sds_leading_spacing_or_trailing() -> None:
     assert ddim_timesteps(4) == [751, 501, 251, 1]
     assert ddim_timesteps(25)[0] == 961 and ddim_timesteps(25)[-1] == 1
+    assert ddim_timesteps(4, spacing="trailing") == [999, 749, 499, 249]
+    with pytest.raises(InputError, match="spacing 'linspace'"):
+        ddim_timesteps(4, spacing="linspace")
+
+
+def test_the_lab_schedule_ends_in_pure_noise_and_its_last_step_keeps_weight() -> None:
+    """The last step is pure noise (sampled from there) and the v loss still weighs it: the caption alone decides."""
+    schedule = build_components(LabSpec())["scheduler"]
+    abar = schedule.alphas_cumprod
+    assert float(abar[-1]) == 0.0 and schedule.config.prediction_type == "v_prediction"
+    assert schedule.config.timestep_spacing == "trailing"
+    weights = loss_weight(abar[[0, 500, 999]], "v_prediction", 5.0)
+    assert float(weights[2]) == 1.0 and 0 < float(weights[0]) < 0.01  # low noise capped at SNR + 1 = 5
+    assert float(loss_weight(abar[[998]], "epsilon", 5.0)[0]) == 1.0  # min-SNR: eps weight 1 where SNR < 5
+    with pytest.raises(ValueError, match="zero_terminal_snr: needs prediction_type v_prediction"):
+        LabSpec(prediction_type="epsilon")
 
 
 def test_lab_templates_are_the_worlds_caption_openings() -> None:
@@ -193,3 +209,34 @@ def test_a_warm_start_continues_an_exported_folders_counters(lab_folder: Path, t
     assert first["steps"] == [0, 2] and marker == {"warm_start_from_export_at_step": 2} and more["steps"] == [2, 3]
     with pytest.raises(InputError, match="other settings.*batch"):
         run(replace(SMALL, batch=4, steps=3), tmp_path / "other", warm_start=lab_folder)
+
+
+def test_high_noise_steps_are_drawn_only_when_asked() -> None:
+    """Without the high-noise share the draws are plain uniform ones (older recipes replay exactly)."""
+    plain = replace(SMALL, batch=64, high_noise_fraction=0.0)
+    expected = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(draw_timesteps(plain, 1000, torch.Generator().manual_seed(3)), expected)
+    mixed = draw_timesteps(replace(plain, high_noise_fraction=0.5), 1000, torch.Generator().manual_seed(3))
+    assert 0.3 < float((mixed >= 850).float().mean()) < 0.8 and int(mixed.min()) < 850
+    assert int(draw_timesteps(replace(plain, high_noise_fraction=1.0), 1000, torch.Generator()).min()) >= 850
+
+
+def test_look_captions_state_only_hair_and_eyes() -> None:
+    rng = np.random.default_rng(0)
+    samples = [world.pretraining_sample([], rng, look_fraction=1.0) for _ in range(20)]
+    for _image, text, labels in samples:
+        assert labels["stated"] == ("hair", "eyes") and text.endswith(f"with {labels['hair']} hair and {labels['eyes']} eyes")
+    again = [world.pretraining_sample([], np.random.default_rng(0), look_fraction=0.0)[1] for _ in range(1)]
+    assert again[0] == world.pretraining_sample([], np.random.default_rng(0))[1]  # no fraction, no extra draw
+
+
+def test_a_warm_start_may_change_the_schedule_and_records_it(lab_folder: Path, tmp_path: Path) -> None:
+    """The shipped model moved from SD1's epsilon schedule to v on zero terminal SNR this way; sizes may not change."""
+    old = replace(SMALL, steps=3, spec=LabSpec(prediction_type="epsilon", zero_terminal_snr=False))
+    eps_folder = export(run(old, tmp_path / "eps", checkpoint_every=1000).folder, tmp_path / "eps_model")
+    state = run(replace(SMALL, steps=4), tmp_path / "v", warm_start=eps_folder, checkpoint_every=1000)
+    marker = state.history[-2]
+    assert marker["changed"] == {"spec.prediction_type": ["epsilon", "v_prediction"], "spec.zero_terminal_snr": [False, True]}
+    assert load_diffusers_folder(eps_folder, torch.device("cpu")).denoiser.prediction_type == "epsilon"
+    with pytest.raises(InputError, match="other settings.*spec"):
+        run(replace(SMALL, steps=3, spec=LabSpec(text_layers=2)), tmp_path / "sizes", warm_start=eps_folder)
