@@ -53,6 +53,19 @@ def _image_tensor(picture: object) -> torch.Tensor:
     return torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).unsqueeze(0)
 
 
+def _temp_picture(picture: object, prefix: str) -> dict[str, str]:
+    """A PIL image saved in ComfyUI's temp folder, as the {filename, subfolder, type} a node's ui.images lists."""
+    import uuid
+
+    import folder_paths
+
+    folder = Path(folder_paths.get_temp_directory())
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}.png"
+    picture.save(folder / name)  # a fresh name: nothing is overwritten
+    return {"filename": name, "subfolder": "", "type": "temp"}
+
+
 class CrossInitEmbed:
     """An initial identity from the text encoder alone: Cross Initialization or a plain word."""
 
@@ -279,7 +292,9 @@ class TrainIdentityToken:
         if result.stopped:
             raise RuntimeError(f"training stopped: {result.stopped}; lower learning_rate or check the photos and model")
         curve = loss_curve_png(result.losses, title=f"identity loss ({name}, {len(result.losses)} steps)")
-        return (result.identity, _image_tensor(curve), _image_tensor(attention_picture(pixels, result.attention)))
+        attention = attention_picture(pixels, result.attention)
+        shown = {"images": [_temp_picture(attention, "identity_tokens_attention")]}  # drawn on the node when done
+        return {"ui": shown, "result": (result.identity, _image_tensor(curve), _image_tensor(attention))}
 
 
 def preset_widget_values() -> dict[str, dict[str, float]]:

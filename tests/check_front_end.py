@@ -52,9 +52,12 @@ def _checks(page: browser.Page, server: ComfyServer) -> dict:
     page.run("() => app.queuePrompt(0, 1)")
     page.page.wait_for_function("id => ['finished', 'stopped'].includes(app.graph.getNodeById(id).identityTokensRun?.state)",
                                 arg=node, timeout=300_000)
+    page.page.wait_for_timeout(3000)  # the executed message (the attention heatmap) follows the last progress event
+    heatmap = page.run("id => (app.graph.getNodeById(id).imgs ?? []).map(i => i.src)", node)
     shot = page.node_screenshot(node, "training_finished")
     seen["finished"] = {**browser.run_state(page, node), "chart_pixels": browser.colour_pixels(shot, browser.CHART_BLUE),
-                        "finished_line_pixels": browser.colour_pixels(shot, browser.FINISHED_GREEN)}
+                        "finished_line_pixels": browser.colour_pixels(shot, browser.FINISHED_GREEN),
+                        "heatmap_on_node": any("identity_tokens_attention" in src for src in heatmap)}
     node = browser.training_graph(page, 2000, "today-cancelled")
     page.run("() => app.queuePrompt(0, 1)")
     page.page.wait_for_function("id => app.graph.getNodeById(id).identityTokensRun?.history.length >= 1",

@@ -94,6 +94,8 @@ def test_a_training_run_draws_its_chart_and_ends_finished(front_end: Page) -> No
     )
     state = run_state(front_end, node)
     assert state == {"state": "finished", "steps": 6, "reason": ""}, state
+    front_end.page.wait_for_function("id => app.graph.getNodeById(id).imgs?.[0]?.complete", arg=node, timeout=30_000)
+    assert "identity_tokens_attention" in front_end.run("id => app.graph.getNodeById(id).imgs[0].src", node)
     shot = front_end.node_screenshot(node, "training_finished")
     assert colour_pixels(shot, CHART_BLUE) > 30, "no loss line drawn on the node"
     assert colour_pixels(shot, FINISHED_GREEN) > 10, "no finished line drawn on the node"

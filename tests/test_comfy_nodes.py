@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.comfy_tiny import TinyComfy, comfy_ready, unet_output
 from tests.conftest_comfy_tiny import TinyFactory
@@ -130,8 +131,14 @@ def _train(tiny: TinyComfy, images: list[torch.Tensor], **overrides: object) -> 
     values.update(overrides)
     lists = {key: value if isinstance(value, list) else [value] for key, value in values.items()}
     with torch.inference_mode():
-        identity, curve, _attention = TrainIdentityToken().train(images=images, **lists)
+        output = TrainIdentityToken().train(images=images, **lists)
+    _train_output.clear()
+    _train_output.update(output)
+    identity, curve, _attention = output["result"]
     return identity, curve
+
+
+_train_output: dict = {}  # the last _train call's whole output (ui and result)
 
 
 def _photos(count: int = 2, size: int = 64, seed: int = 0, width: int | None = None) -> torch.Tensor:
@@ -273,6 +280,12 @@ def test_the_live_view_hears_progress_and_how_the_run_ended(comfy_tiny: TinyFact
                                                              sent_events: list, progress_hook: Callable) -> None:
     _train(comfy_tiny("sd1"), [_photos()], steps=2, unique_id=["7"])
     names = [name for name, _ in sent_events]
+    shown = _train_output["ui"]["images"]  # the attention heatmap, drawn on the node by the front-end
+    assert len(shown) == 1 and shown[0]["type"] == "temp"
+    import folder_paths
+
+    with Image.open(Path(folder_paths.get_temp_directory()) / shown[0]["filename"]) as picture:
+        assert picture.size[0] > 64
     assert names == ["identity_tokens.status"] + ["identity_tokens.progress"] * 2 + ["identity_tokens.status"]
     start, first, second, end = (data for _, data in sent_events)
     assert start == {"node": "7", "state": "running", "step": 0, "total": 2}

@@ -380,7 +380,7 @@ def test_training_keeps_the_unet_loaded_between_steps(fresh_comfy_tiny: TinyFact
         identity, *_ = identity_nodes.TrainIdentityToken().train(
             images=[torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1))],
             **{k: [v] for k, v in values.items()},
-        )
+        )["result"]
     _unload(patched)
     assert torch.isfinite(identity.rows["clip_l"]).all()
     names = [[{id(tiny.vae.patcher): "vae", id(patched): "unet", id(tiny.clip.patcher): "clip"}.get(id(m), "?")

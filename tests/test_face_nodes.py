@@ -126,7 +126,8 @@ def test_crops_and_masks_train_an_identity(comfy_tiny: TinyFactory, comfy_embedd
     values = {"model": tiny.patcher, "clip": tiny.clip, "vae": tiny.vae, "preset": "Cross-Init fast", "steps": 1,
               "learning_rate": 0.0, "batch_size": 1, "reg_weight": -1.0, "seed": 0, "resolution": 64}
     with torch.inference_mode():
-        identity, *_ = TrainIdentityToken().train(images=[images], mask=[masks], **{k: [v] for k, v in values.items()})
+        output = TrainIdentityToken().train(images=[images], mask=[masks], **{k: [v] for k, v in values.items()})
+    identity, *_ = output["result"]
     assert seen["pixels"].shape == (3, 3, 64, 64) and seen["masks"].shape == (3, 1, 64, 64)
     torch.testing.assert_close(seen["masks"][:, 0], masks.clamp(0, 1))
     assert identity.rows

@@ -76,7 +76,7 @@ def _train(tiny: TinyComfy, images: list[torch.Tensor], **overrides: object) -> 
     values.update(overrides)
     lists = {key: value if isinstance(value, list) else [value] for key, value in values.items()}
     with torch.inference_mode():
-        return TrainIdentityToken().train(images=images, **lists)
+        return TrainIdentityToken().train(images=images, **lists)["result"]
 
 
 def _apply(clip: object, text: str, identity: Identity, **more: object) -> tuple[torch.Tensor, object]:

@@ -7,6 +7,7 @@ import { STATE_COLOURS, chartPoints, fillPreset, onProgress, onStatus, presetTab
 const TRAIN_NODE = "IdentityTokens_TrainIdentityToken";
 const SIMILARITY_NODE = "IdentityTokens_FaceSimilarity";
 const CHART_HEIGHT = 60;
+const LIVE_WIDGET = "identity_tokens_live_view";
 const REPORT_LINE = 15;
 
 function drawReport(ctx, node, lines) {
@@ -38,14 +39,13 @@ function showReport(nodeType) {
   };
 }
 
-function drawLiveView(ctx, node, run) {
-  // The loss sparkline under the widgets, and a line saying how the run stands (colour by state).
-  const width = node.size[0] - 20;
-  const top = node.size[1] - CHART_HEIGHT - 22;
+function drawLiveView(ctx, run, width, top) {
+  // The loss sparkline and a line saying how the run stands (colour by state), in the live widget's box.
+  const inner = width - 20;
   ctx.save();
   ctx.fillStyle = "rgba(0,0,0,0.25)";
-  ctx.fillRect(10, top, width, CHART_HEIGHT);
-  const points = chartPoints(run.history.map((h) => h.loss), 10, top, width, CHART_HEIGHT);
+  ctx.fillRect(10, top + 4, inner, CHART_HEIGHT);
+  const points = chartPoints(run.history.map((h) => h.loss), 10, top + 4, inner, CHART_HEIGHT);
   if (points.length) {
     ctx.strokeStyle = "#6cf";
     ctx.lineWidth = 1.5;
@@ -55,20 +55,39 @@ function drawLiveView(ctx, node, run) {
   }
   ctx.fillStyle = STATE_COLOURS[run.state] ?? "#ddd";
   ctx.font = "12px sans-serif";
-  ctx.fillText(statusLine(run), 12, top + CHART_HEIGHT + 15, width);
+  ctx.fillText(statusLine(run), 12, top + CHART_HEIGHT + 19, inner);
   ctx.restore();
 }
 
+function liveWidget(node) {
+  // The live view as a widget under the others (not saved, not sent), so ComfyUI puts the finished run's attention
+  // heatmap below it instead of over it. Added at the node's first training event.
+  const existing = node.widgets?.find((w) => w.name === LIVE_WIDGET);
+  if (existing) return existing;
+  const widget = node.addCustomWidget({
+    name: LIVE_WIDGET,
+    type: "identity_tokens_live",
+    value: "",
+    options: { serialize: false },
+    serialize: false,
+    draw(ctx, owner, width, y) {
+      if (owner.identityTokensRun) drawLiveView(ctx, owner.identityTokensRun, width, y);
+    },
+    computeSize(width) {
+      return [width, CHART_HEIGHT + 28];
+    },
+  });
+  node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
+  return widget;
+}
+
 function updateRun(detail, change) {
-  // Apply one server event to its node's live view and redraw; the node grows once to make room.
+  // Apply one server event to its node's live view and redraw.
   const node = app.graph.getNodeById(Number(detail.node));
   if (!node) return;
   node.identityTokensRun = change(node.identityTokensRun, detail);
-  if (!node.identityTokensResized) {
-    node.setSize([node.size[0], node.size[1] + CHART_HEIGHT + 30]);
-    node.identityTokensResized = true;
-  }
-  node.setDirtyCanvas(true, false);
+  liveWidget(node);
+  node.setDirtyCanvas(true, true);
 }
 
 function fillPresets(nodeType, nodeData) {
@@ -107,11 +126,5 @@ app.registerExtension({
     if (nodeData.name === SIMILARITY_NODE) showReport(nodeType);
     if (nodeData.name !== TRAIN_NODE) return;
     fillPresets(nodeType, nodeData);
-    const original = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      original?.apply(this, arguments);
-      if (this.flags?.collapsed || !this.identityTokensRun) return;
-      drawLiveView(ctx, this, this.identityTokensRun);
-    };
   },
 });
