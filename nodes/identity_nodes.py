@@ -177,15 +177,18 @@ class TrainIdentityToken:
                     "Textual Inversion: 5000 steps, 1 token from 'person', lr 1e-4, batch 16. Choosing one fills "
                     "steps, learning_rate, batch_size and reg_weight with its values; change them after if you like."
                 )}),
-                "steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Optimisation steps; 0 uses the preset's."}),
+                "steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Optimisation steps; choosing a preset fills in its value (0 also means the preset's)."}),
                 "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": (
-                    "AdamW learning rate of the identity rows; 0 uses the preset's."
+                    "AdamW learning rate of the identity rows; choosing a preset fills in its value (0 also means the "
+                    "preset's)."
                 )}),
                 "batch_size": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": (
-                    "Images per step (with repeats and flips); 0 uses the preset's. Lower it if you run out of memory."
+                    "Images per step (with repeats and flips); choosing a preset fills in its value (0 also means the "
+                    "preset's). Lower it if you run out of memory."
                 )}),
                 "reg_weight": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.00001, "tooltip": (
-                    "Cross-Init's pull towards the initial vectors; -1 uses the preset's (1e-5), 0 turns it off."
+                    "Cross-Init's pull towards the initial vectors; choosing a preset fills in its value (-1 also means "
+                    "the preset's); 0 turns it off."
                 )}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": (
                     "Seed of every random draw in training: the same seed and inputs give the same identity."

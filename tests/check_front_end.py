@@ -24,7 +24,10 @@ KEYS = ("steps", "learning_rate", "batch_size", "reg_weight")
 
 def _checks(page: browser.Page, server: ComfyServer) -> dict:
     """Every check of tests/test_browser.py, as results instead of assertions."""
-    page.page.keyboard.press("Escape")  # today's front-end greets with dialogs (templates, missing models)
+    page.page.wait_for_timeout(3000)  # today's front-end greets a new user with dialogs (templates, missing models)
+    for _ in range(3):
+        page.page.keyboard.press("Escape")
+        page.page.wait_for_timeout(500)
     page.run("async () => app.extensionManager?.setting?.set('Comfy.Workflow.ShowMissingModelsWarning', false)")
     seen: dict = {"workflows": {}, "search": {}}
     for path in sorted((ROOT / "example_workflows").glob("*.json")):
@@ -48,6 +51,7 @@ def _checks(page: browser.Page, server: ComfyServer) -> dict:
         "user_edit_kept": values["edited"]["steps"] == 123,
         "old_workflow_filled": {k: values["old"][k] for k in KEYS} == presets["Textual Inversion"],
     }
+    seen["node_help"] = _hover_tooltips(page, info[browser.TRAIN_NODE])
     node = browser.training_graph(page, 6, "today-finished")
     page.run("() => app.queuePrompt(0, 1)")
     page.page.wait_for_function("id => ['finished', 'stopped'].includes(app.graph.getNodeById(id).identityTokensRun?.state)",
@@ -70,6 +74,34 @@ def _checks(page: browser.Page, server: ComfyServer) -> dict:
     seen["pack_errors"] = page.pack_errors()
     seen["other_page_errors"] = [e.splitlines()[0] for e in page.errors if e not in seen["pack_errors"]]
     return seen
+
+
+def _hover_tooltips(page: browser.Page, node_info: dict) -> dict:
+    """Hover a new training node's title and its steps widget: whether the description and the tooltip show."""
+    where = page.run(
+        """type => {
+            app.graph.clear();
+            const node = LiteGraph.createNode(type);
+            node.pos = [200, 100];
+            app.graph.add(node);
+            app.canvas.ds.scale = 1;
+            app.canvas.ds.offset = [0, 0];
+            app.canvas.setDirty(true, true);
+            app.canvas.draw(true, true);
+            const rect = app.canvas.canvas.getBoundingClientRect(), steps = node.widgets.find(w => w.name === "steps");
+            return {title: [rect.left + 260, rect.top + 85], steps: [rect.left + 300, rect.top + 110 + steps.last_y]};
+        }""",
+        browser.TRAIN_NODE,
+    )
+    wanted = {"title": node_info["description"], "steps": node_info["input"]["required"]["steps"][1]["tooltip"]}
+    shown = {}
+    for part, (x, y) in where.items():
+        page.page.mouse.move(x, y)
+        page.page.wait_for_timeout(1500)
+        texts = page.run("() => Array.from(document.querySelectorAll('.node-tooltip')).map(e => e.innerText)")
+        shown[part] = any(" ".join(wanted[part].split())[:60] in " ".join(t.split()) for t in texts)
+        page.screenshot(f"tooltip_{part}")
+    return shown
 
 
 def main(argv: list[str] | None = None) -> int:
