@@ -17,8 +17,13 @@ from .errors import InputError
 from .protocols import Model, condition
 
 
-def ddim_timesteps(steps: int, train_steps: int = 1000) -> list[int]:
-    """SD's "leading" DDIM spacing with offset 1, from the noisiest step down."""
+def ddim_timesteps(steps: int, train_steps: int = 1000, spacing: str = "leading") -> list[int]:
+    """The DDIM timesteps from the noisiest down: SD's "leading" spacing with offset 1 (from 961 of 1000 at 25 steps),
+    or "trailing" (from the last step, 999: what a zero-terminal-SNR schedule needs, Lin et al. 2023)."""
+    if spacing == "trailing":
+        return [round(train_steps - i * train_steps / steps) - 1 for i in range(steps)]
+    if spacing != "leading":
+        raise InputError(f"sampling: timestep spacing '{spacing}' is not supported; the sampler knows leading and trailing")
     ratio = train_steps // steps
     return [i * ratio + 1 for i in range(steps)][::-1]
 
@@ -67,7 +72,8 @@ def generate(
     if guided:
         empty = condition(model, [""] * len(prompts), None)
     abar_table = denoiser.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    schedule = ddim_timesteps(steps, denoiser.num_train_timesteps)
+    spacing = str(getattr(denoiser.scheduler.config, "timestep_spacing", "leading"))
+    schedule = ddim_timesteps(steps, denoiser.num_train_timesteps, spacing)
     for i, t in enumerate(schedule):
         timesteps = torch.full((len(prompts),), t, device=device, dtype=torch.long)
         prediction = denoiser.predict(x.to(dtype), timesteps, cond).float()

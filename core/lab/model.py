@@ -26,7 +26,7 @@ MARKER = "lab.json"  # written into the folder beside model_index.json: the reci
 
 @dataclass(frozen=True)
 class LabSpec:
-    """Every size of the lab model."""
+    """Every size of the lab model, and its noise schedule."""
 
     resolution: int = 32
     vae_channels: tuple[int, ...] = (32, 64)
@@ -38,6 +38,15 @@ class LabSpec:
     text_layers: int = 3
     text_heads: int = 4
     norm_groups: int = 16
+    prediction_type: str = "v_prediction"  # the UNet's output; v, because a zero-terminal-SNR schedule needs it
+    zero_terminal_snr: bool = True  # the last timestep is pure noise (Lin et al. 2023), sampled with trailing spacing
+
+    def __post_init__(self) -> None:
+        """Refuse a schedule the lab cannot train: pure noise at the last step has no epsilon-prediction target."""
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type: '{self.prediction_type}' is not epsilon or v_prediction")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError("zero_terminal_snr: needs prediction_type v_prediction (epsilon is undefined at SNR 0)")
 
     @property
     def latent_size(self) -> int:
@@ -102,8 +111,14 @@ def unet(spec: LabSpec) -> torch.nn.Module:
     )
 
 
-def scheduler():  # noqa: ANN201 - diffusers type
-    """SD1's training schedule: scaled-linear betas 0.00085..0.012 over 1000 steps, epsilon prediction."""
+def scheduler(spec: LabSpec = LabSpec()):  # noqa: ANN201 - diffusers type
+    """SD1's scaled-linear betas 0.00085..0.012 over 1000 steps; with zero_terminal_snr rescaled so the last step is
+    pure noise (and sampled from there: trailing spacing), else SD1's own schedule (leading spacing).
+
+    Why: on SD1's schedule the last step keeps sqrt(abar) = 0.07 of the picture, and at 16 x 16 latents a region's
+    colour (hair, say) still shows through the noise there, so the model never needs the caption for it and, when
+    sampling from pure noise, reads it from the noise instead (measured: hair colour followed the caption at chance).
+    """
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
@@ -111,7 +126,9 @@ def scheduler():  # noqa: ANN201 - diffusers type
         beta_end=0.012,
         beta_schedule="scaled_linear",
         num_train_timesteps=1000,
-        prediction_type="epsilon",
+        prediction_type=spec.prediction_type,
+        rescale_betas_zero_snr=spec.zero_terminal_snr,
+        timestep_spacing="trailing" if spec.zero_terminal_snr else "leading",
         clip_sample=False,
     )
 
@@ -125,7 +142,7 @@ def build_components(spec: LabSpec = LabSpec(), seed: int = 0) -> dict[str, obje
             "tokenizer": load_clip_tokenizer(),
             "unet": unet(spec),
             "vae": vae(spec),
-            "scheduler": scheduler(),
+            "scheduler": scheduler(spec),
         }
 
 

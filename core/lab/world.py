@@ -524,14 +524,20 @@ def caption(variable: Mapping[str, str], who: str, intrinsic: Subject | None, rn
 
 
 def pretraining_sample(
-    subjects: Sequence[Subject], rng: np.random.Generator, famous_fraction: float = 0.7, bare_fraction: float = 0.15
+    subjects: Sequence[Subject],
+    rng: np.random.Generator,
+    famous_fraction: float = 0.7,
+    bare_fraction: float = 0.15,
+    look_fraction: float = 0.0,
 ) -> tuple[np.ndarray, str, dict]:
     """(image, caption, labels) for pretraining: famous_fraction of them a famous subject called by name (bare_fraction
-    of those as just "a photo of <name>"), the rest an anonymous person called by a class word.
+    of those as just "a photo of <name>"), the rest an anonymous person called by a class word, look_fraction of those
+    with a caption that states only their hair and eye colours ("a photo of a man with red hair and blue eyes").
 
     labels: "subject" (index into subjects, -1 for anonymous), every named attribute's value, "traits" (a copy) and
     "stated" (the attributes the caption states).
     """
+    look = False
     if subjects and rng.random() < famous_fraction:
         index = int(rng.integers(len(subjects)))
         subject = subjects[index]
@@ -541,6 +547,9 @@ def pretraining_sample(
     else:
         index, subject = -1, anonymous_subject(rng)
         who, detail, intrinsic_probability = _pick(CLASS_WORDS, rng), 0.7, 0.6
+        look = look_fraction > 0 and rng.random() < look_fraction  # drawn only then: older recipes keep their draws
+        if look:
+            detail, intrinsic_probability = 0.0, 1.0
     variable = random_variable(rng)
     image = render(subject, variable, rng)
     text, stated = describe(variable, who, subject, rng, detail, intrinsic_probability)
