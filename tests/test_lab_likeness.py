@@ -18,10 +18,12 @@ from core.lab.evaluator import load_evaluator
 from core.lab.model import MODEL_FOLDER
 from core.models import LAB_NAME, load_model
 
-# What the shipped weights (7,784 steps) realise, measured in docs/LIKENESS.md: glasses, expression and scene in
-# every one of 48 captions that state them. Hair and eye colour and pose are at chance there, so the issue's 80% over all
-# stated attributes is not met and not asserted; these three are, with a margin.
-LEARNED_ATTRIBUTES = ("glasses", "expression", "scene")
+# What the shipped weights (15,926 steps) realise over 48 captions, measured in docs/LIKENESS.md: 0.81 of all stated
+# attributes (the issue's bar is 0.80); glasses, expression and scene 1.00, hair colour 0.94; eye colour (0.42) and
+# pose (0.39) stay near chance (0.33), so they are not asserted on their own.
+CAPTIONS = 48
+STATED_FLOOR = 0.80
+LEARNED_ATTRIBUTES = ("glasses", "expression", "scene", "hair")
 LEARNED_FLOOR = 0.85
 
 
@@ -32,11 +34,30 @@ def lab():  # noqa: ANN201
     return load_model(LAB_NAME, torch.device("cpu")), load_evaluator()
 
 
-def test_the_lab_model_draws_the_variable_attributes_captions_state(lab) -> None:  # noqa: ANN001
+def test_the_lab_model_draws_what_captions_state(lab) -> None:  # noqa: ANN001
     model, evaluator = lab
-    _rate, per_attribute = stated_attribute_rate(model, evaluator, count=24, seed=0)
+    rate, per_attribute = stated_attribute_rate(model, evaluator, count=CAPTIONS, seed=0)
+    assert rate >= STATED_FLOOR, per_attribute
     for attribute in LEARNED_ATTRIBUTES:
         assert per_attribute[attribute] >= LEARNED_FLOOR, f"{attribute}: {per_attribute}"
+
+
+# Held-out subject 0 in docs/LIKENESS.md's table: Cross-Init (320 steps, seed 0) likeness 0.717, the class word 0.568.
+CROSS_INIT_MARGIN = 0.08
+
+
+def test_cross_init_captures_a_held_out_subjects_likeness(lab) -> None:  # noqa: ANN001
+    """Cross-Init's identity is clearly more like the held-out subject than "a person": the unnamed traits are
+    learned. Fails when the identity's rows do not reach the pictures (they would then score as the class word)."""
+    from core.lab import world
+    from core.lab.evaluation import METHODS, reference_pictures, score_identity, train_identity
+
+    model, evaluator = lab
+    subject = world.held_out_subjects(1)[0]
+    identity, _seconds = train_identity(model, reference_pictures(subject), METHODS["Cross-Init 320"], seed=0)
+    with_identity, _ = score_identity(model, evaluator, identity, subject)
+    class_word, _ = score_identity(model, evaluator, None, subject)
+    assert with_identity.likeness >= class_word.likeness + CROSS_INIT_MARGIN, (with_identity, class_word)
 
 
 def test_the_readme_main_job_writes_a_sample_sheet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
