@@ -16,7 +16,7 @@ from ..core.errors import InputError
 from ..core.formats import load_identity, save_identity
 from ..core.heatmap import attention_picture
 from ..core.identity import Identity, plain_export
-from ..core.images import fit_photos
+from ..core.images import fit_photos, save_png_atomic
 from ..core.memory import MEMORY_MODES
 from ..core.models import native_resolution
 from ..core.plot import loss_curve_png
@@ -60,9 +60,8 @@ def _temp_picture(picture: object, prefix: str) -> dict[str, str]:
     import folder_paths
 
     folder = Path(folder_paths.get_temp_directory())
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}.png"
-    picture.save(folder / name)  # a fresh name: nothing is overwritten
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}.png"  # a fresh name: nothing is overwritten
+    save_png_atomic(picture, folder / name)
     return {"filename": name, "subfolder": "", "type": "temp"}
 
 

@@ -234,3 +234,22 @@ def search_results(page: Page, text: str) -> list[str]:
     page.page.keyboard.press("Escape")
     page.page.wait_for_timeout(200)
     return found
+
+
+def train_until_done(page: Page, node_id: int, timeout_ms: float = 300_000) -> None:
+    """Queue the graph and wait until the training node's live view says finished or stopped."""
+    page.run("() => app.queuePrompt(0, 1)")
+    page.page.wait_for_function(
+        "id => ['finished', 'stopped'].includes(app.graph.getNodeById(id).identityTokensRun?.state)",
+        arg=node_id, timeout=timeout_ms,
+    )
+
+
+def train_and_cancel(page: Page, node_id: int, timeout_ms: float = 300_000) -> None:
+    """Queue the graph, press Cancel (POST /interrupt) after the first step, and wait until the run is over."""
+    page.run("() => app.queuePrompt(0, 1)")
+    page.page.wait_for_function("id => app.graph.getNodeById(id).identityTokensRun?.history.length >= 1",
+                                arg=node_id, timeout=timeout_ms)
+    page.run("async () => { const { api } = await import('/scripts/api.js'); await api.interrupt(); }")
+    page.page.wait_for_function("id => app.graph.getNodeById(id).identityTokensRun?.state !== 'running'",
+                                arg=node_id, timeout=120_000)

@@ -53,9 +53,7 @@ def _checks(page: browser.Page, server: ComfyServer) -> dict:
     }
     seen["node_help"] = _hover_tooltips(page, info[browser.TRAIN_NODE])
     node = browser.training_graph(page, 6, "today-finished")
-    page.run("() => app.queuePrompt(0, 1)")
-    page.page.wait_for_function("id => ['finished', 'stopped'].includes(app.graph.getNodeById(id).identityTokensRun?.state)",
-                                arg=node, timeout=300_000)
+    browser.train_until_done(page, node)
     page.page.wait_for_timeout(3000)  # the executed message (the attention heatmap) follows the last progress event
     heatmap = page.run("id => (app.graph.getNodeById(id).imgs ?? []).map(i => i.src)", node)
     shot = page.node_screenshot(node, "training_finished")
@@ -63,12 +61,7 @@ def _checks(page: browser.Page, server: ComfyServer) -> dict:
                         "finished_line_pixels": browser.colour_pixels(shot, browser.FINISHED_GREEN),
                         "heatmap_on_node": any("identity_tokens_attention" in src for src in heatmap)}
     node = browser.training_graph(page, 2000, "today-cancelled")
-    page.run("() => app.queuePrompt(0, 1)")
-    page.page.wait_for_function("id => app.graph.getNodeById(id).identityTokensRun?.history.length >= 1",
-                                arg=node, timeout=300_000)
-    page.run("async () => { const { api } = await import('/scripts/api.js'); await api.interrupt(); }")
-    page.page.wait_for_function("id => app.graph.getNodeById(id).identityTokensRun?.state !== 'running'",
-                                arg=node, timeout=120_000)
+    browser.train_and_cancel(page, node)
     page.node_screenshot(node, "training_cancelled")
     seen["cancelled"] = browser.run_state(page, node)
     seen["pack_errors"] = page.pack_errors()

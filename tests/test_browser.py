@@ -28,6 +28,8 @@ from tests.browser import (
     preset_widget_values,
     run_state,
     search_results,
+    train_and_cancel,
+    train_until_done,
     training_graph,
 )
 from tests.comfy_server import ComfyServer
@@ -87,11 +89,7 @@ def test_preset_widgets_show_the_presets_values(front_end: Page, comfy_server: C
 
 def test_a_training_run_draws_its_chart_and_ends_finished(front_end: Page) -> None:
     node = training_graph(front_end, 6, "browser-finished")
-    front_end.run("() => app.queuePrompt(0, 1)")
-    front_end.page.wait_for_function(
-        "id => ['finished', 'stopped'].includes(app.graph.getNodeById(id).identityTokensRun?.state)", arg=node,
-        timeout=300_000,
-    )
+    train_until_done(front_end, node)
     state = run_state(front_end, node)
     assert state == {"state": "finished", "steps": 6, "reason": ""}, state
     front_end.page.wait_for_function("id => app.graph.getNodeById(id).imgs?.[0]?.complete", arg=node, timeout=30_000)
@@ -105,13 +103,7 @@ def test_a_training_run_draws_its_chart_and_ends_finished(front_end: Page) -> No
 
 def test_cancel_shows_the_cancelled_state(front_end: Page) -> None:
     node = training_graph(front_end, 2000, "browser-cancelled")
-    front_end.run("() => app.queuePrompt(0, 1)")
-    front_end.page.wait_for_function("id => app.graph.getNodeById(id).identityTokensRun?.history.length >= 1",
-                                     arg=node, timeout=300_000)
-    front_end.run("async () => { const { api } = await import('/scripts/api.js'); await api.interrupt(); }")
-    front_end.page.wait_for_function(
-        "id => app.graph.getNodeById(id).identityTokensRun?.state !== 'running'", arg=node, timeout=120_000
-    )
+    train_and_cancel(front_end, node)
     state = run_state(front_end, node)
     assert state["state"] == "cancelled" and state["steps"] < 2000, state
     front_end.node_screenshot(node, "training_cancelled")

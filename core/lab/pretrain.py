@@ -232,7 +232,7 @@ class Run:
         self.vae.register_to_config(scaling_factor=self.scaling_factor)
         self.ema = {k: v.detach().clone() for k, v in self._trained().items()}
         marker = {"warm_start_from_export_at_step": self.step}
-        changed = _changed_schedule(recipe["config"], self.config)
+        changed = _changed_fields(recipe["config"], self.config)
         if changed:
             marker["changed"] = changed
         self.history = [*recipe.get("history", []), marker]
@@ -451,7 +451,7 @@ def _saved_config(saved: dict) -> PretrainConfig:
     return PretrainConfig(**values, spec=LabSpec(**_spec_args(_saved_spec(saved))))
 
 
-def _changed_schedule(saved: dict, config: PretrainConfig) -> dict:
+def _changed_fields(saved: dict, config: PretrainConfig) -> dict:
     """The fields a warm start changes: {field: [saved, given]}."""
     before, now = _flat(saved), _flat(_config_json(config))
     return {k: [before[k], now[k]] for k in WARM_START_MAY_CHANGE if before[k] != now[k]}
