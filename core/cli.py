@@ -1,5 +1,6 @@
 """Command line: `train` makes an identity file from photos, `inspect` describes one, `score` measures likeness,
-`export` writes a plain copy of a per-stage identity."""
+`export` writes a plain copy of a per-stage identity, `train-encoder` and `encode` train and use an identity encoder,
+`train-many` trains many identities from a manifest."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .encoders.cli import add_encoder_parsers, run_encode, run_train_encoder
 from .errors import InputError
 from .face_cli import (
     FACE_CROP_SIZE,
@@ -27,6 +29,7 @@ from .face_cli import (
     run_export,
 )
 from .identity import Identity
+from .many import add_many_parser, run_train_many
 from .memory import MEMORY_MODES
 from .models import PREDICTION_TYPES
 from .protocols import SLOT, Model
@@ -122,6 +125,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-samples", action="store_true", help="write no OUT.samples.png, even on the lab model")
     p.add_argument("--init-from", type=Path, help="start from an identity file (any layout) instead of --init")
+    p.add_argument(
+        "--init-encoder",
+        help="start from what an identity encoder makes of the photos (a file, or lab); e.g. with --preset "
+        "cross_init_fast for encoder init + 25 steps",
+    )
+    p.add_argument("--vision", help="with --init-encoder: the vision tower folder it names (the lab's is found)")
     p.add_argument("--reg-weight", type=float, help="Cross-Init regulariser weight (preset default 1e-5)")
     p.add_argument("--resolution", type=int, help="training resolution (default: the model's native size)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
@@ -140,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     add_score_parser(sub)
     add_export_parser(sub)
+    add_encoder_parsers(sub)
+    add_many_parser(sub)
     p = sub.add_parser("inspect", help="describe an identity file")
     p.add_argument("file", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -265,10 +276,16 @@ def plan_train(args: argparse.Namespace) -> TrainPlan:
     if args.face_crop:
         pictures, face_masks = crop_pictures(pictures, [p.name for p in image_paths], args.resolution or FACE_CROP_SIZE)
     start = None
+    if args.init_from is not None and args.init_encoder is not None:
+        raise InputError("--init-from and --init-encoder: choose one start")
     if args.init_from is not None:
         from .formats import load_identity
 
         start = load_identity(args.init_from)
+    elif args.init_encoder is not None:
+        from .encoders.cli import encode_pictures
+
+        start = encode_pictures(args.init_encoder, pictures, args.vision, token)[0]
     return TrainPlan(paths, token, device, pictures, start, face_masks)
 
 
@@ -488,7 +505,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_notes()
     try:
-        return {"train": run_train, "inspect": run_inspect, "score": run_score, "export": run_export}[args.command](args)
+        commands = {
+            "train": run_train,
+            "inspect": run_inspect,
+            "score": run_score,
+            "export": run_export,
+            "train-encoder": run_train_encoder,
+            "encode": run_encode,
+            "train-many": run_train_many,
+        }
+        return commands[args.command](args)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_INPUT

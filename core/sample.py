@@ -28,7 +28,7 @@ def ddim_timesteps(steps: int, train_steps: int = 1000, spacing: str = "leading"
     return [i * ratio + 1 for i in range(steps)][::-1]
 
 
-def _to_epsilon_and_x0(
+def epsilon_and_x0(
     prediction: torch.Tensor, x: torch.Tensor, abar: torch.Tensor, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(epsilon, x0) from a model output of either prediction type."""
@@ -82,7 +82,7 @@ def generate(
             prediction = unconditional + guidance * (prediction - unconditional)
         abar = abar_table[t]
         abar_next = abar_table[schedule[i + 1]] if i + 1 < len(schedule) else torch.ones((), device=device)
-        eps, x0 = _to_epsilon_and_x0(prediction, x, abar, denoiser.prediction_type)
+        eps, x0 = epsilon_and_x0(prediction, x, abar, denoiser.prediction_type)
         x = abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps
     vae_dtype = next(vae.parameters()).dtype
     pixels = vae.decode((x / denoiser.scaling_factor).to(vae_dtype)).sample.float()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
@@ -34,7 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..distributed import all_reduce_gradients, process_group, reduce_value, share
 from ..errors import InputError
+from ..files import atomic_write
 from . import world
 from .model import MODEL_FOLDER, LabSpec, build_components, parameter_counts, save_folder, spec_dict
 
@@ -189,9 +190,7 @@ class Run:
             "warmup_from": self.warmup_from,
         }
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, lambda tmp: torch.save(state, tmp), overwrite=True)
 
     def resume(self) -> None:
         """Load state.pt (tensors and plain values only); refuse one made with another recipe."""
@@ -253,8 +252,7 @@ class Run:
 
     def _share(self) -> slice:
         """This process's share of each batch."""
-        size = self.config.batch // self.world
-        return slice(self.rank * size, (self.rank + 1) * size)
+        return share(self.config.batch, self.rank, self.world)
 
     def vae_loss(self, step: int) -> torch.Tensor:
         """Reconstruction loss of this process's share of one step's batch."""
@@ -273,7 +271,7 @@ class Run:
         loss = self.vae_loss(self.vae_step)
         self.vae_optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        self._average_gradients(list(self.vae.parameters()))
+        all_reduce_gradients(list(self.vae.parameters()), self.world, mean=True)
         torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.config.clip_norm)
         self.vae_optimiser.step()
         self.vae_step += 1
@@ -333,7 +331,7 @@ class Run:
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for group in self.optimiser.param_groups for p in group["params"]]
-        self._average_gradients(params)
+        all_reduce_gradients(params, self.world, mean=True)
         torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm)
         self.optimiser.step()
         self.step += 1
@@ -344,38 +342,13 @@ class Run:
                 self.ema[name].lerp_(param.detach(), 1 - decay)
         return float(loss.detach())
 
-    def _average_gradients(self, params: list[torch.Tensor]) -> None:
-        """With several processes: every gradient becomes the mean over processes (one flat all-reduce)."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for param, grad in zip(params, grads):
-            param.grad = flat[offset : offset + grad.numel()].view_as(grad).clone()
-            offset += grad.numel()
-
-    def _reduced(self, value: float, largest: bool = False) -> float:
-        """A number summed (or its largest value, with largest) over the processes."""
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        total = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(total, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM)
-        return float(total.item())
-
     def agree_to_stop(self, stop: bool) -> bool:
         """Whether any process wants to stop (all processes then stop at the same step)."""
-        return self._reduced(float(stop), largest=True) > 0
+        return reduce_value(float(stop), self.world, largest=True) > 0
 
     def mean_over_processes(self, value: float) -> float:
         """The mean of a number over the processes."""
-        return self._reduced(value) / self.world
+        return reduce_value(value, self.world) / self.world
 
     # --- the trained model -----------------------------------------------------------------------------------------
 
@@ -502,7 +475,7 @@ def run(
     Under torchrun (WORLD_SIZE > 1, gloo) each process takes an equal share of every batch and the gradients are
     averaged, so the steps are those of one process with the whole batch, up to float rounding; process 0 writes.
     """
-    rank, world = _process_group()
+    rank, world = process_group()
     state = Run(config, folder, rank, world)
     writer = rank == 0
     if state.state_path.exists():
@@ -559,18 +532,6 @@ def run(
         if writer:
             state.save()
     return state
-
-
-def _process_group() -> tuple[int, int]:
-    """(rank, world size): joins torchrun's gloo group when WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return dist.get_rank(), world
 
 
 def export(folder: Path, out: Path, overwrite: bool = False) -> Path:
