@@ -29,8 +29,9 @@ def load_weights_only(path: Path, allowed: tuple[type, ...] = ()) -> object:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            with torch.serialization.safe_globals(list(allowed)):
-                return torch.load(Path(path), map_location="cpu", weights_only=True)
+            # A handle, not the path: torch 2.14 reads a path named *.safetensors with safetensors, whatever it holds.
+            with torch.serialization.safe_globals(list(allowed)), open(path, "rb") as handle:
+                return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = refusal_reason(error, _starts_like_pickle(Path(path)))
         if reason is not None:
@@ -48,6 +49,16 @@ def _starts_like_pickle(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def looks_like_torch_save(path: Path) -> bool:
+    """Whether the file opens like torch.save's output (a zip archive, or a plain pickle), whatever its name."""
+    try:
+        with open(path, "rb") as handle:
+            zipped = handle.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+    return zipped or _starts_like_pickle(Path(path))
 
 
 def refusal_reason(error: Exception, plain_pickle: bool = False) -> str | None:

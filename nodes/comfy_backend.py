@@ -50,6 +50,12 @@ def clip_encoders(clip: object) -> dict[str, tuple[torch.nn.Module, object]]:
     return found
 
 
+def clip_widths(clip: object) -> dict[str, int]:
+    """{key: token-embedding width} of each CLIP text encoder of a ComfyUI CLIP object (clip_l: 768, ...)."""
+    return {key: int(module.transformer.get_input_embeddings().weight.shape[1])
+            for key, (module, _) in clip_encoders(clip).items()}
+
+
 def detect_family(model_patcher: object | None, clip: object) -> str:
     """sd1, sd2 or sdxl from the CLIP's encoders and, when given, the MODEL's class; anything else is an InputError."""
     keys = tuple(clip_encoders(clip))

@@ -10,7 +10,7 @@ import torch
 
 from ..core.errors import InputError
 from ..core.identity import Identity, IdentityError
-from .comfy_backend import clip_encoders
+from .comfy_backend import clip_encoders, clip_widths
 
 NAME_PREFIX = "identitytokens"  # internal embedding names: identitytokens1, identitytokens2, ...
 
@@ -20,15 +20,21 @@ def trigger_pattern(trigger: str) -> re.Pattern[str]:
     return re.compile(r"(?<![\w<>:\-])" + re.escape(trigger) + r"(?![\w<>\-])")
 
 
+def check_trigger(trigger: str, input_name: str) -> str:
+    """The trigger if it can be one: one word without spaces, brackets, colons or commas."""
+    if not trigger or any(c.isspace() for c in trigger) or any(c in trigger for c in "():,"):
+        raise InputError(
+            f"{input_name}: '{trigger}' cannot be a trigger word; use one word without spaces, brackets, colons "
+            "or commas, such as <alice>"
+        )
+    return trigger
+
+
 def _check_triggers(text: str, pairs: Sequence[tuple[Identity, str, str]]) -> None:
     """Each trigger is one word, used once among the identities, and present in the prompt."""
     seen: set[str] = set()
     for _, trigger, input_name in pairs:
-        if not trigger or any(c.isspace() for c in trigger) or any(c in trigger for c in "():,"):
-            raise InputError(
-                f"{input_name}: '{trigger}' cannot be a trigger word; use one word without spaces, brackets, colons "
-                "or commas, such as <alice>"
-            )
+        check_trigger(trigger, input_name)
         if trigger in seen:
             raise InputError(f"{input_name}: '{trigger}' is already the trigger of another identity; give each its own")
         seen.add(trigger)
@@ -41,14 +47,13 @@ def _check_triggers(text: str, pairs: Sequence[tuple[Identity, str, str]]) -> No
 
 def _rows_by_name(clip: object, pairs: Sequence[tuple[Identity, str, str]]) -> dict[str, dict[str, torch.Tensor]]:
     """{internal name: {encoder key: rows}} for every identity, checked against this CLIP's encoders."""
-    encoders = clip_encoders(clip)
-    if not encoders:
+    widths = clip_widths(clip)
+    if not widths:
         raise InputError("clip: this CLIP has no CLIP text encoder the pack knows; use an SD1.x, SD2.x or SDXL CLIP")
     table: dict[str, dict[str, torch.Tensor]] = {}
     for number, (identity, _, input_name) in enumerate(pairs, start=1):
         rows = {}
-        for key, (module, _) in encoders.items():
-            width = int(module.transformer.get_input_embeddings().weight.shape[1])
+        for key, width in widths.items():
             try:
                 rows[key] = identity.rows_for(key, width).detach().float().cpu()
             except IdentityError as error:

@@ -33,7 +33,7 @@ def _first(value: object) -> object:
     return value[0] if isinstance(value, list) and value else value
 
 
-def _image_arrays(batches: list, name: str, hint: str) -> list:
+def image_arrays(batches: list, name: str, hint: str) -> list:
     """Every image of the IMAGE batches of input `name`, in order, as an (H, W, 3) float32 array in [0, 1]."""
     arrays = []
     for number, batch in enumerate(batches or [], start=1):
@@ -50,7 +50,7 @@ def _image_arrays(batches: list, name: str, hint: str) -> list:
 
 def _photo_arrays(photos: list) -> list:
     """Every photo of the IMAGE batches, in order, as an (H, W, 3) float32 array in [0, 1]."""
-    return _image_arrays(photos, "photos", "Load Image or Collect Photos")
+    return image_arrays(photos, "photos", "Load Image or Collect Photos")
 
 
 class FaceCrop:
@@ -206,8 +206,8 @@ class FaceSimilarity:
     def score(self, references: list, images: list) -> dict:
         """Score every generated image against the references; show the report on the node."""
         report = score_likeness(
-            _image_arrays(references, "references", "photos of the person: Load Image or Collect Photos"),
-            _image_arrays(images, "images", "the generated images, e.g. VAE Decode's output"),
+            image_arrays(references, "references", "photos of the person: Load Image or Collect Photos"),
+            image_arrays(images, "images", "the generated images, e.g. VAE Decode's output"),
         )
         text = report.table()
         mean = report.mean_similarity

@@ -523,6 +523,24 @@ class ExportPlainIdentity:
         return (plain_export(identity),)
 
 
+def model_file(folder: str, name: str, input_name: str) -> Path:
+    """The path of a file picked from a models folder's dropdown; an InputError naming the input when it is gone."""
+    import folder_paths
+
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise InputError(f"{input_name}: '{name}' is not in models/{folder}; pick a file from the list (R refreshes it)")
+    return Path(path)
+
+
+def modified_time(folder: str, name: str) -> float:
+    """IS_CHANGED of a file picked from a models folder: its modification time (0 when it is gone)."""
+    import folder_paths
+
+    path = folder_paths.get_full_path(folder, name)
+    return os.path.getmtime(path) if path else 0.0
+
+
 class LoadIdentity:
     """Reads an identity from models/embeddings: files of this pack, A1111, diffusers or Cross-Init."""
 
@@ -547,19 +565,11 @@ class LoadIdentity:
     @classmethod
     def IS_CHANGED(cls, name: str) -> float:
         """Reload when the file changes."""
-        import folder_paths
-
-        path = folder_paths.get_full_path("embeddings", name)
-        return os.path.getmtime(path) if path else 0.0
+        return modified_time("embeddings", name)
 
     def load(self, name: str) -> tuple[Identity]:
         """Read the file safely (no pickled code) and name the identity after it."""
-        import folder_paths
-
-        path = folder_paths.get_full_path("embeddings", name)
-        if path is None:
-            raise InputError(f"name: '{name}' is not in models/embeddings; pick a file from the list (R refreshes it)")
-        identity = load_identity(Path(path))
+        identity = load_identity(model_file("embeddings", name, "name"))
         stem = Path(name).name.rsplit(".", 1)[0]
         return (Identity(identity.rows, {**identity.metadata, "token": stem.removesuffix(STAGED_SUFFIX)}, identity.stages),)
 

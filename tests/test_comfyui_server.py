@@ -31,6 +31,8 @@ NODE_IDS = {
     "IdentityTokens_FaceAttentionLoss",
     "IdentityTokens_FaceSimilarity",
     "IdentityTokens_ExportPlainIdentity",
+    "IdentityTokens_EncoderLoader",
+    "IdentityTokens_EncoderCustomize",
 }
 TRAIN, SAVE, LOSS_PREVIEW, SAVE_IMAGE = "3", "4", "5", "11"  # node ids in train_save_sample.api.json
 PHOTO_LOADERS, COLLECT = ("2", "13", "14"), "15"  # its three Load Image nodes and their Collect Photos

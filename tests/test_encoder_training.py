@@ -199,11 +199,11 @@ def test_the_command_line_trains_then_encodes_then_starts_training_from_the_enco
     assert identity.metadata["method"] == "encoder" and identity.n_tokens == 2
     # encode == the core call on the same photos
     encoder, tower = load_encoder(encoder_file), load_transformers_tower(tower_folder)
-    from core.encoders.cli import _square
     from core.encoders.data import to_unit
+    from core.encoders.vision import square
 
     pictures = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(photos.iterdir())]
-    batch = torch.cat([_square(to_unit([p]), tower.spec.image_size) for p in pictures])
+    batch = torch.cat([square(to_unit([p]), tower.spec.image_size) for p in pictures])
     direct = encode_identity(encoder, tower, batch, "<alice>")
     torch.testing.assert_close(identity.rows["clip_l"], direct.rows["clip_l"])
     # train --init-encoder starts from those rows: zero learning rate keeps them

@@ -20,6 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "example_workflows"
 TWINS = ROOT / "tests" / "workflows"
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+ENCODER_VALUES: dict[str, dict[str, Any]] = {
+    "1": {"ckpt_name": CHECKPOINT},
+    "2": {"image": "photo_1.jpg"},
+    "3": {"clip_name": "clip-vit-large-patch14.safetensors"},
+    "4": {"encoder_name": "my-encoder.safetensors"},
+    "8": {"width": 512, "height": 512},
+    "9": {"steps": 20},
+    "11": {"filename_prefix": "identity_tokens_encoder"},
+}
 USER_VALUES: dict[str, dict[str, dict[str, Any]]] = {
     "train_save_sample": {
         "1": {"ckpt_name": CHECKPOINT},
@@ -51,6 +60,15 @@ USER_VALUES: dict[str, dict[str, dict[str, Any]]] = {
         "1": {"ckpt_name": CHECKPOINT},
         "6": {"width": 512, "height": 512},
         "7": {"steps": 20},
+    },
+    # CI writes a random full-size ViT-L/14 and a tiny encoder for it (tests/test_encoder_workflow.py)
+    "encoder_identity": ENCODER_VALUES,
+    "encoder_init_train": {
+        **ENCODER_VALUES,
+        "12": {"preset": "Cross-Init fast", "steps": 25, "learning_rate": 0.005, "batch_size": 8, "reg_weight": 1e-05,
+               "resolution": 0},
+        "15": {"steps": 20},
+        "17": {"filename_prefix": "identity_tokens_encoder_trained"},
     },
 }
 NAMES = sorted(path.name.removesuffix(".json") for path in EXAMPLES.glob("*.json"))
@@ -128,6 +146,28 @@ def test_training_example_collects_several_photos() -> None:
     assert sorted(ci_images) == ["astronaut.png", "chelsea.png", "coffee.png"]
     note = next(node for node in ui["nodes"] if node["type"] == "Note")["widgets_values"][0]
     assert "Collect Photos" in note and "any sizes" in note and "native size" in note
+
+
+@pytest.mark.parametrize("name", ["encoder_identity", "encoder_init_train"])
+def test_encoder_examples_feed_encoder_customize(name: str) -> None:
+    """Encoder Customize gets its encoder, vision tower and photo from loaders, its identity goes to Apply Identity
+    (and, in encoder_init_train, to Train Identity Token's init with Cross-Init fast's 25 steps); the note says where
+    an encoder comes from."""
+    ui = load(EXAMPLES / f"{name}.json")
+    nodes, links = {node["id"]: node for node in ui["nodes"]}, links_by_id(ui)
+    (customize,) = [node for node in ui["nodes"] if node["type"] == "IdentityTokens_EncoderCustomize"]
+    feeders = {s["name"]: nodes[links[s["link"]][1]]["type"] for s in customize["inputs"] if s.get("link") is not None}
+    assert feeders == {"images": "LoadImage", "encoder": "IdentityTokens_EncoderLoader",
+                       "clip_vision": "CLIPVisionLoader", "clip": "CheckpointLoaderSimple"}
+    fed = {(nodes[link[3]]["type"], nodes[link[3]]["inputs"][link[4]]["name"]) for link in links.values()
+           if link[1] == customize["id"]}
+    trains = [node for node in ui["nodes"] if node["type"] == "IdentityTokens_TrainIdentityToken"]
+    assert ("IdentityTokens_ApplyIdentity", "identity") in fed
+    assert (("IdentityTokens_TrainIdentityToken", "init") in fed) == (name == "encoder_init_train") == bool(trains)
+    for train in trains:
+        assert train["widgets_values"][:2] == ["Cross-Init fast", 25]
+    note = next(node for node in ui["nodes"] if node["type"] == "Note")["widgets_values"][0]
+    assert "python -m core train-encoder" in note and "models/identity_encoders" in note and "no encoder ships" in note
 
 
 @pytest.mark.parametrize("name", NAMES)

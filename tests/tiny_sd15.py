@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -198,13 +199,18 @@ def tiny_sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def write_tiny_sd15(path: Path | None = None, seed: int = 0) -> Path:
     """Write the checkpoint to `path` (default: the per-machine cache) unless it is already there; return the path."""
-    path = Path(path) if path is not None else default_path()
+    metadata = {"format": "pt", "tiny_sd15_version": VERSION}
+    return save_once(Path(path) if path is not None else default_path(), lambda: tiny_sd15_state_dict(seed), metadata)
+
+
+def save_once(path: Path, state: Callable[[], dict[str, torch.Tensor]], metadata: dict[str, str]) -> Path:
+    """Write state() to path as safetensors (atomically) unless the file is already there; return the path."""
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tiny_sd15_state_dict(seed), str(temp), metadata={"format": "pt", "tiny_sd15_version": VERSION})
+        save_file(state(), str(temp), metadata=metadata)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)

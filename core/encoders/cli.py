@@ -17,11 +17,12 @@ from .data import EncoderData
 from .vision import VisionSpec, VisionTower
 
 LAB = "lab"
-LAB_ENCODER = Path(__file__).resolve().parents[1] / "lab" / "data" / "encoder.safetensors"
 
 
 def encoder_path(value: str | Path) -> Path:
     """--encoder: 'lab' is the pack's encoder for the lab model, anything else a file."""
+    from ..lab.vision import LAB_ENCODER
+
     return LAB_ENCODER if str(value) == LAB else Path(value)
 
 
@@ -155,23 +156,13 @@ def encode_pictures(encoder_file: str | Path, pictures: list, vision: str | None
     from .data import to_unit
     from .files import load_encoder
     from .mapper import encode_identity
+    from .vision import square
 
     encoder = load_encoder(encoder_path(encoder_file))
     tower = vision_tower(vision, encoder.spec.vision)
     side = encoder.spec.vision.image_size
-    batch = torch.cat([_square(to_unit([np.asarray(p.convert("RGB"))]), side) for p in pictures])
+    batch = torch.cat([square(to_unit([np.asarray(p.convert("RGB"))]), side) for p in pictures])
     return encode_identity(encoder, tower, batch, token), encoder
-
-
-def _square(image: torch.Tensor, side: int) -> torch.Tensor:
-    """A (1, 3, H, W) picture's centre square resized to side (as the tower's preprocessing crops it)."""
-    height, width = image.shape[-2:]
-    if (height, width) == (side, side):
-        return image
-    short = min(height, width)
-    top, left = (height - short) // 2, (width - short) // 2
-    crop = image[..., top : top + short, left : left + short]
-    return torch.nn.functional.interpolate(crop, size=(side, side), mode="bicubic", antialias=True).clamp(0, 1)
 
 
 def run_encode(args: argparse.Namespace) -> int:
