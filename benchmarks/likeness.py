@@ -27,7 +27,9 @@ import numpy as np
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # one-thread workers side by side: no spinning OpenMP threads
 
-DEFAULT_METHODS = ("class word", "TI 320", "Cross-Init 320", "Cross-Init fast 25")
+DEFAULT_METHODS = (
+    "class word", "TI 320", "Cross-Init 320", "Cross-Init fast 25", "Encoder (one pass)", "Encoder + fast 25",
+)
 
 
 def _subject_rows(job: tuple[int, list[str], list[int], str]) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -47,7 +49,7 @@ def _subject_rows(job: tuple[int, list[str], list[int], str]) -> tuple[list[dict
     references = reference_pictures(subject, seed=index)
     rows, pictures = [], {"references": np.stack(references)}
     for name in method_names:
-        for seed in seeds if METHODS[name].preset else seeds[:1]:
+        for seed in seeds if METHODS[name].preset else seeds[:1]:  # one pass and the class word draw nothing at random
             identity, seconds = train_identity(model, references, METHODS[name], seed=seed)
             scores, images = score_identity(model, evaluator, identity, subject)
             rows.append({"method": name, "subject": index, "seed": seed, "train_seconds": round(seconds, 2),

@@ -218,6 +218,8 @@ def test_encoder_refusals_name_the_input_and_the_fix(tower_folder, data_root, tm
     assert main(["train-encoder", "--model", "tiny", "--data", str(tmp_path / "none"), "--vision", str(tower_folder),
                  "--out", str(tmp_path / "x.safetensors"), "--device", "cpu"]) == 2
     assert "--data:" in capsys.readouterr().err
+    assert main(["train-encoder", "--model", "tiny", "--data", str(data_root), "--out", str(tmp_path / "v.safetensors")]) == 2
+    assert "--vision: give that CLIPVisionModel's local folder" in capsys.readouterr().err
     assert main(["train-encoder", "--model", "tiny", "--out", str(tmp_path / "x.pt")]) == 2
     assert "saved as .safetensors" in capsys.readouterr().err
     assert main(["train-encoder", "--model", "tiny", "--steps", "0", "--out", str(tmp_path / "y.safetensors")]) == 2

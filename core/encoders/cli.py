@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -121,12 +122,12 @@ def run_train_encoder(args: argparse.Namespace) -> int:
         resolution=args.resolution or 1,
     )
     config.check()
+    if args.data != LAB and not Path(args.data).is_dir():
+        raise InputError(f"--data: {args.data} is not a folder; give a folder of identity folders, or lab")
     device = local_device(resolve_device(args.device))
-    model = load_model(args.model, device)
-    from dataclasses import replace
-
-    config = replace(config, resolution=args.resolution or default_resolution(model))
     tower = vision_tower(args.vision if args.vision or args.model != LAB else LAB, device=device)
+    model = load_model(args.model, device)
+    config = replace(config, resolution=args.resolution or default_resolution(model))
     data = training_data(args.data, config.resolution, args.templates or default_templates(model) or "face")
     folder = args.run_dir or run_folder(out)
     print(f"training an encoder for {model.name} ({model.family}) on {data.description}, tower "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from ..protocols import SLOT, Model
 from ..sample import generate
 from . import world
 from .evaluator import Evaluator, editability, likeness, read_images
+from .vision import LAB_ENCODER
 
 RESOLUTION = world.SIZE
 CLASS_WORD = "a person"
@@ -50,11 +52,18 @@ DEMO_PROMPTS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the table: a training preset and step count, or None for the class-word baseline."""
+    """One row of the table: a training preset and step count (None: no training), and whether the start is the lab
+    encoder's identity of the references; neither is the class-word baseline."""
 
     name: str
     preset: str | None
     steps: int | None = None
+    encoder: bool = False
+
+    @property
+    def is_baseline(self) -> bool:
+        """The class word: no identity at all."""
+        return self.preset is None and not self.encoder
 
 
 METHODS: dict[str, Method] = {
@@ -65,6 +74,8 @@ METHODS: dict[str, Method] = {
         Method("TI 5000", "textual_inversion", 5000),
         Method("Cross-Init 320", "cross_init", 320),
         Method("Cross-Init fast 25", "cross_init_fast", 25),
+        Method("Encoder (one pass)", None, encoder=True),
+        Method("Encoder + fast 25", "cross_init_fast", 25, encoder=True),
     )
 }
 
@@ -79,14 +90,28 @@ def pictures_to_tensor(pictures: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def encoder_identity(pictures: Sequence[np.ndarray], encoder_file: Path = LAB_ENCODER) -> Identity:
+    """The lab encoder's identity of the pictures: one forward pass, the mean over the pictures."""
+    from ..encoders.files import load_encoder
+    from ..encoders.mapper import encode_identity
+    from .vision import load_tower
+
+    encoder = load_encoder(encoder_file)
+    return encode_identity(encoder, load_tower(), (pictures_to_tensor(pictures) + 1) / 2)
+
+
 def train_identity(
     model: Model, pictures: Sequence[np.ndarray], method: Method, seed: int = 0, **overrides: object
 ) -> tuple[Identity | None, float]:
-    """Train method on the pictures; (identity, seconds). The baseline trains nothing: (None, 0)."""
-    if method.preset is None:
+    """Make the method's identity of the pictures; (identity, seconds). The baseline makes none: (None, 0)."""
+    if method.is_baseline:
         return None, 0.0
     from ..trainer import Trainer, preset_config
 
+    started = time.perf_counter()
+    start = encoder_identity(pictures) if method.encoder else None
+    if method.preset is None:
+        return start, time.perf_counter() - started
     config = preset_config(
         method.preset,
         steps=method.steps,
@@ -96,8 +121,7 @@ def train_identity(
         attention_maps=False,
         **overrides,
     )
-    started = time.perf_counter()
-    result = Trainer(model, pictures_to_tensor(pictures), config).run()
+    result = Trainer(model, pictures_to_tensor(pictures), config, init=start).run()
     return result.identity, time.perf_counter() - started
 
 

@@ -30,6 +30,9 @@ from ..errors import InputError
 from . import world
 
 FOLDER = Path(__file__).parent / "data" / "vision_tower"
+# The identity encoder the pack trains for the lab model on this tower (`python -m core train-encoder`, recipe in its
+# metadata); `--encoder lab` on the command line.
+LAB_ENCODER = Path(__file__).parent / "data" / "encoder.safetensors"
 NAME = "lab-vit"
 RECIPE = "vision.json"
 
