@@ -19,7 +19,11 @@ def process_group(device: torch.device | None = None) -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo")
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)  # this process's GPU: NCCL's collectives run on the current device
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
     return dist.get_rank(), world
 
 

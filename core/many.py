@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .prompts import check_trigger
 from .trainer import PRESETS
 
 KEYS = {"images", "out", "preset", "steps", "seed", "token"}
@@ -66,7 +67,7 @@ def read_manifest(path: Path, default_preset: str) -> list[Entry]:
         steps = values.get("steps")
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise InputError(f"{where}: steps {steps!r} must be a whole number of at least 1")
-        token = str(values.get("token", f"<{out.stem}>"))
+        token = check_trigger(str(values.get("token", f"<{out.stem}>")), f"{where}: token")
         entries.append(Entry(number, tuple(path.parent / str(i) for i in images), out, preset, steps,
                              int(values.get("seed", 0)), token))
     if not entries:

@@ -8,6 +8,16 @@ from .errors import InputError
 from .protocols import MAX_TOKENS, SLOT, TextEncoder, index_on
 
 
+def check_trigger(trigger: str, input_name: str) -> str:
+    """The trigger if it can be one: one word without spaces, brackets, colons or commas."""
+    if not trigger or any(c.isspace() for c in trigger) or any(c in trigger for c in "():,"):
+        raise InputError(
+            f"{input_name}: '{trigger}' cannot be a trigger word; use one word without spaces, brackets, colons "
+            "or commas, such as <alice>"
+        )
+    return trigger
+
+
 def in_vocabulary(vocab: dict[str, int], word: str) -> bool:
     """Whether word is one entry of a CLIP BPE vocabulary already (as a whole word or a word piece)."""
     lowered = word.lower()

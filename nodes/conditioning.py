@@ -10,6 +10,7 @@ import torch
 
 from ..core.errors import InputError
 from ..core.identity import Identity, IdentityError
+from ..core.prompts import check_trigger
 from .comfy_backend import clip_encoders, clip_widths
 
 NAME_PREFIX = "identitytokens"  # internal embedding names: identitytokens1, identitytokens2, ...
@@ -18,16 +19,6 @@ NAME_PREFIX = "identitytokens"  # internal embedding names: identitytokens1, ide
 def trigger_pattern(trigger: str) -> re.Pattern[str]:
     """The trigger as a whole word: not glued to letters, digits or other name characters."""
     return re.compile(r"(?<![\w<>:\-])" + re.escape(trigger) + r"(?![\w<>\-])")
-
-
-def check_trigger(trigger: str, input_name: str) -> str:
-    """The trigger if it can be one: one word without spaces, brackets, colons or commas."""
-    if not trigger or any(c.isspace() for c in trigger) or any(c in trigger for c in "():,"):
-        raise InputError(
-            f"{input_name}: '{trigger}' cannot be a trigger word; use one word without spaces, brackets, colons "
-            "or commas, such as <alice>"
-        )
-    return trigger
 
 
 def _check_triggers(text: str, pairs: Sequence[tuple[Identity, str, str]]) -> None:

@@ -9,13 +9,12 @@ import torch
 
 from ..core import __version__
 from ..core.encoders.files import EncoderFileError, check_text_widths, load_encoder
-from ..core.encoders.mapper import IdentityEncoder, encode_identity
-from ..core.encoders.vision import square
+from ..core.encoders.mapper import IdentityEncoder, encode_photos
 from ..core.errors import InputError
 from ..core.identity import Identity
+from ..core.prompts import check_trigger
 from .comfy_backend import clip_widths
 from .comfy_vision import vision_tower
-from .conditioning import check_trigger
 from .face_nodes import image_arrays
 from .identity_nodes import CATEGORY, IDENTITY, model_file, modified_time
 
@@ -82,10 +81,10 @@ class EncoderLoader:
             raise InputError(f"encoder_name: {error}") from None
 
 
-def _pictures(images: list, side: int) -> torch.Tensor:
-    """Every photo of the IMAGE batches, each resized and centre-cropped to side, as (N, 3, side, side) in [0, 1]."""
+def _pictures(images: list) -> list[torch.Tensor]:
+    """Every photo of the IMAGE batches as a (1, 3, H, W) picture in [0, 1]."""
     photos = image_arrays(images, "images", "Load Image or Collect Photos")
-    return torch.cat([square(torch.from_numpy(photo).permute(2, 0, 1)[None], side) for photo in photos])
+    return [torch.from_numpy(photo).permute(2, 0, 1)[None] for photo in photos]
 
 
 class EncoderCustomize:
@@ -144,7 +143,7 @@ class EncoderCustomize:
         if clip and _first(clip) is not None:
             check_text_widths(model.spec, clip_widths(_first(clip)), "clip")
         tower = vision_tower(model.spec, _first(clip_vision) if clip_vision else None)
-        identity = encode_identity(model, tower, _pictures(images, model.spec.vision.image_size), trigger)
+        identity = encode_photos(model, tower, _pictures(images), trigger)
         return (Identity(identity.rows, {**identity.metadata, "created_by": f"identity-tokens {__version__}"}),)
 
 

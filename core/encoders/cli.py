@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..templates import TEMPLATE_KINDS
 from .data import EncoderData
 from .vision import VisionSpec, VisionTower
 
@@ -44,14 +45,14 @@ def vision_tower(value: str | None, wanted: VisionSpec | None = None, device: to
     return tower
 
 
-def training_data(value: str, resolution: int, templates: str) -> EncoderData:
-    """--data: 'lab' (the lab world's people) or a folder of identity folders."""
+def training_data(value: str, resolution: int, templates: str, source_size: int | None = None) -> EncoderData:
+    """--data: 'lab' (the lab world's people) or a folder of identity folders (photos kept at source_size)."""
     from ..templates import training_prompts
     from .data import FolderData, LabData
 
     if value == LAB:
         return LabData()
-    return FolderData(Path(value), resolution, training_prompts(templates))
+    return FolderData(Path(value), resolution, training_prompts(templates), source_size)
 
 
 def add_encoder_parsers(sub: argparse._SubParsersAction) -> None:
@@ -82,7 +83,9 @@ def add_encoder_parsers(sub: argparse._SubParsersAction) -> None:
                    help="weight of the identity-preservation term (0: off, no VAE decode)")  # fmt: skip
     p.add_argument("--offset-l1", type=float, default=defaults.offset_l1, help="weight of the L1 penalty on the rows' offset")
     p.add_argument("--resolution", type=int, help="diffusion target size (default: the model's native size)")
-    p.add_argument("--templates", help="captions for photos without a .txt: face, object or lab (default: the model's)")
+    p.add_argument("--templates", choices=TEMPLATE_KINDS,
+                   help="captions for photos without a .txt (default: the model's: lab on the lab model, else face)")  # fmt: skip
+    p.add_argument("--warmup", type=int, default=defaults.warmup, help="linear learning-rate warm-up steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun each process takes LOCAL_RANK)")
     p.add_argument("--run-dir", type=Path, help="checkpoint folder (default: OUT with .run instead of .safetensors)")
@@ -119,16 +122,19 @@ def run_train_encoder(args: argparse.Namespace) -> int:
     config = EncoderTrainConfig(
         steps=args.steps, batch=args.batch, learning_rate=args.learning_rate, n_tokens=args.n_tokens,
         hidden=args.hidden, identity_weight=args.identity_weight, offset_l1=args.offset_l1, seed=args.seed,
-        resolution=args.resolution or 1,
+        resolution=args.resolution or 1, warmup=args.warmup,
     )
     config.check()
+    if args.checkpoint_every < 1:
+        raise InputError(f"--checkpoint-every: got {args.checkpoint_every}; it must be at least 1")
     if args.data != LAB and not Path(args.data).is_dir():
         raise InputError(f"--data: {args.data} is not a folder; give a folder of identity folders, or lab")
     device = local_device(resolve_device(args.device))
     tower = vision_tower(args.vision if args.vision or args.model != LAB else LAB, device=device)
     model = load_model(args.model, device)
     config = replace(config, resolution=args.resolution or default_resolution(model))
-    data = training_data(args.data, config.resolution, args.templates or default_templates(model) or "face")
+    data = training_data(args.data, config.resolution, args.templates or default_templates(model) or "face",
+                         tower.spec.image_size)
     folder = args.run_dir or run_folder(out)
     print(f"training an encoder for {model.name} ({model.family}) on {data.description}, tower "
           f"{tower.spec.describe()}, {config.steps} steps of {config.batch}, run folder {folder}", file=sys.stderr)
@@ -156,14 +162,12 @@ def encode_pictures(encoder_file: str | Path, pictures: list, vision: str | None
 
     from .data import to_unit
     from .files import load_encoder
-    from .mapper import encode_identity
-    from .vision import square
+    from .mapper import encode_photos
 
     encoder = load_encoder(encoder_path(encoder_file))
     tower = vision_tower(vision, encoder.spec.vision)
-    side = encoder.spec.vision.image_size
-    batch = torch.cat([square(to_unit([np.asarray(p.convert("RGB"))]), side) for p in pictures])
-    return encode_identity(encoder, tower, batch, token), encoder
+    photos = [to_unit([np.asarray(p.convert("RGB"))]) for p in pictures]
+    return encode_photos(encoder, tower, photos, token), encoder
 
 
 def run_encode(args: argparse.Namespace) -> int:

@@ -94,7 +94,7 @@ class _Photo:
     """One photo of an identity folder, loaded once."""
 
     path: Path
-    source: np.ndarray  # the whole photo (the tower crops it)
+    source: np.ndarray  # the whole photo, or its centre square at the tower's size (the tower crops it the same way)
     target: np.ndarray  # centre square at the training resolution
     mask: np.ndarray | None
 
@@ -103,7 +103,8 @@ class FolderData:
     """Identity folders: DATA/<identity>/<photos>, two or more photos each (optional photo.txt captions and
     photo.mask.png loss masks). The encoder sees one photo, the loss targets another of the same identity."""
 
-    def __init__(self, root: Path, resolution: int, templates: Sequence[str]) -> None:
+    def __init__(self, root: Path, resolution: int, templates: Sequence[str], source_size: int | None = None) -> None:
+        """source_size: keep each photo as its centre square at this size (the vision tower's input size), not whole."""
         root = Path(root)
         if not root.is_dir():
             raise InputError(f"--data: {root} is not a folder; give a folder of identity folders, or 'lab'")
@@ -116,7 +117,7 @@ class FolderData:
             if len(photos) < 2:
                 thin.append(folder.name)
                 continue
-            self.identities.append([self._load(p, resolution) for p in photos])
+            self.identities.append([self._load(p, resolution, source_size) for p in photos])
         if thin:
             raise InputError(
                 f"--data: identity folders {thin[:5]} have fewer than 2 photos; cross-reference training needs two "
@@ -129,11 +130,11 @@ class FolderData:
         self.description = f"{len(self.identities)} identity folders, {count} photos, from {root}"
 
     @staticmethod
-    def _load(path: Path, resolution: int) -> _Photo:
-        """A photo, its training square and its mask."""
+    def _load(path: Path, resolution: int, source_size: int | None) -> _Photo:
+        """A photo (whole, or its square at source_size), its training square and its mask."""
         try:
             with Image.open(path) as image:
-                source = np.asarray(image.convert("RGB"))
+                source = np.asarray(image.convert("RGB")) if source_size is None else _square(image, source_size)
                 target = _square(image, resolution)
         except OSError as error:
             raise InputError(f"--data: cannot read {path} ({error}); remove or replace it") from None

@@ -90,8 +90,14 @@ def load_encoder(path: Path, device: torch.device | str = "cpu") -> IdentityEnco
     missing = [f"base_{k}" for k, v in base.items() if v is None]
     if missing:
         raise EncoderFileError(f"encoder file {path}: tensors {missing} are missing; the file is damaged")
-    encoder = IdentityEncoder(spec, base)
-    result = encoder.load_state_dict(tensors, strict=False)
+    try:
+        encoder = IdentityEncoder(spec, base)
+        result = encoder.load_state_dict(tensors, strict=False)
+    except (RuntimeError, ValueError) as error:
+        raise EncoderFileError(
+            f"encoder file {path}: its tensors do not fit its spec ({str(error).splitlines()[0][:200]}); the file is "
+            "damaged, train or copy it again"
+        ) from None
     if result.missing_keys or result.unexpected_keys:
         raise EncoderFileError(
             f"encoder file {path}: its tensors do not match its spec (missing {result.missing_keys[:3]}, "

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..identity import Identity
-from .vision import VisionSpec, VisionTower, check_layers, preprocess
+from .vision import VisionSpec, VisionTower, check_layers, preprocess, square
 
 METHOD = "encoder"  # the identity's recorded method
 
@@ -153,3 +153,12 @@ def encode_identity(
         "token": token,
     }
     return Identity(rows={k: v.mean(dim=0).float().cpu() for k, v in rows.items()}, metadata=metadata)
+
+
+def encode_photos(
+    encoder: IdentityEncoder, tower: VisionTower, photos: Sequence[torch.Tensor], token: str = "<identity>"
+) -> Identity:
+    """encode_identity of photos of any sizes, each a (1, 3, H, W) picture in [0, 1]: each one's centre square at the
+    tower's input size."""
+    side = encoder.spec.vision.image_size
+    return encode_identity(encoder, tower, torch.cat([square(photo, side) for photo in photos]), token)

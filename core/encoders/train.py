@@ -44,6 +44,7 @@ from .vision import VisionTower, preprocess
 
 STATE = "state.pt"
 LOG = "log.jsonl"
+MAX_SKIPS_IN_A_ROW = 16  # non-finite steps in a row before training gives up
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,8 @@ class EncoderRun:
         self.seconds = 0.0
         self.history: list[dict] = []
         self.stop_requested = False
+        self.skipped = 0  # steps whose loss or gradient was not finite on some process: not applied
+        self._skips_in_a_row = 0
 
     # --- the loss ------------------------------------------------------------------------------------------------
 
@@ -224,7 +227,8 @@ class EncoderRun:
         return self.config.learning_rate * min(1.0, (self.step + 1) / max(1, self.config.warmup))
 
     def train_step(self) -> dict[str, float]:
-        """One optimiser step; each term's value summed over the processes (the whole batch's loss)."""
+        """One optimiser step; each term's value summed over the processes (the whole batch's loss), and the gradient
+        norm before clipping. A step whose loss or gradient is not finite on any process is skipped on all of them."""
         for group in self.optimiser.param_groups:
             group["lr"] = self.learning_rate()
         terms = self.losses(self.step)
@@ -233,11 +237,22 @@ class EncoderRun:
         loss.backward()
         params = list(self.encoder.parameters())
         all_reduce_gradients(params, self.world, mean=False)  # each process's loss is its share of the batch's
-        torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm)
-        self.optimiser.step()
-        self.step += 1
-        values = {name: float(value.detach()) for name, value in terms.items()}
-        return {name: reduce_value(value, self.world) for name, value in values.items()}
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm)
+        values = {name: reduce_value(float(value.detach()), self.world) for name, value in terms.items()}
+        if self.agree_to_stop(not (torch.isfinite(loss) and torch.isfinite(norm))):
+            self.optimiser.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self._skips_in_a_row += 1
+            if self._skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                raise InputError(
+                    f"training: the loss or gradient was not finite {MAX_SKIPS_IN_A_ROW} steps in a row (at step "
+                    f"{self.step + 1}); lower --learning-rate, or train in float32 (--device cpu, or a GPU model in fp32)"
+                )
+        else:
+            self.optimiser.step()
+            self._skips_in_a_row = 0
+        self.step += 1  # a skipped step's batch is passed over, so the draws stay those of (seed, step)
+        return {**values, "grad_norm": float(norm)}
 
     def agree_to_stop(self, stop: bool) -> bool:
         """Whether any process wants to stop (all then stop after the same step)."""
@@ -256,6 +271,7 @@ class EncoderRun:
             "spec": self.encoder.spec.to_dict(),
             "data": self.data.description,
             "steps_done": self.step,
+            "skipped_steps": self.skipped,
             "train_seconds": round(self.seconds, 1),
             "history": self.history,
             "created_by": f"identity-tokens {__version__}",
@@ -283,6 +299,11 @@ class EncoderRun:
                 f"--resume: {self.state_path} was made with another recipe ({changed}: saved, now); resume with the "
                 "same settings (only --steps may grow), or start a new run folder"
             )
+        if state["data"] != self.data.description:
+            raise InputError(
+                f"--resume: {self.state_path} was trained on {state['data']}, not {self.data.description}; resume "
+                "with the same --data"
+            )
         if state["spec"] != self.encoder.spec.to_dict():
             raise InputError(
                 f"--resume: {self.state_path} was made for another model or vision tower; resume with the same --model "
@@ -291,7 +312,17 @@ class EncoderRun:
         self.encoder.load_state_dict(state["encoder"])
         self.optimiser.load_state_dict(state["optimiser"])
         self.step, self.seconds = int(state["steps_done"]), float(state["seconds"])
+        self.skipped = int(state.get("skipped_steps", 0))
         self.history = list(state.get("history", []))
+        self._drop_logged_steps_after(self.step)
+
+    def _drop_logged_steps_after(self, step: int) -> None:
+        """Forget log lines of steps after the checkpoint (a crash's; they are taken again)."""
+        path = self.folder / LOG
+        if self.rank != 0 or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        atomic_write(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)), overwrite=True)
 
     def log(self, record: dict) -> None:
         """Append one JSON line to log.jsonl."""

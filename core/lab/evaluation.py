@@ -92,12 +92,12 @@ def pictures_to_tensor(pictures: Sequence[np.ndarray]) -> torch.Tensor:
 
 def encoder_identity(pictures: Sequence[np.ndarray], encoder_file: Path = LAB_ENCODER) -> Identity:
     """The lab encoder's identity of the pictures: one forward pass, the mean over the pictures."""
+    from ..encoders.data import to_unit
     from ..encoders.files import load_encoder
-    from ..encoders.mapper import encode_identity
+    from ..encoders.mapper import encode_photos
     from .vision import load_tower
 
-    encoder = load_encoder(encoder_file)
-    return encode_identity(encoder, load_tower(), (pictures_to_tensor(pictures) + 1) / 2)
+    return encode_photos(load_encoder(encoder_file), load_tower(), [to_unit([p]) for p in pictures])
 
 
 def train_identity(

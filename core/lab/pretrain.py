@@ -137,8 +137,7 @@ class Run:
     def __init__(self, config: PretrainConfig, folder: Path, rank: int = 0, world: int = 1) -> None:
         if config.vae_steps < 1 or config.batch < 1:
             raise InputError(f"--vae-steps/--batch: need at least 1 (got {config.vae_steps}, {config.batch})")
-        if config.batch % world:
-            raise InputError(f"batch: {config.batch} does not split over {world} processes; use a multiple of {world}")
+        share(config.batch, rank, world)  # refuses a batch that does not split over the processes
         self.rank, self.world = rank, world
         self.config = config
         self.folder = Path(folder)
