@@ -159,17 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _output_paths(args: argparse.Namespace) -> dict[str, Path]:
     """Every file train will write, checked before any work starts."""
-    from .files import check_output_path
+    from .files import check_output_path, make_parent
 
     out: Path = args.out
     if out.suffix != ".safetensors":
         raise InputError(f"--out: '{out}' must end in .safetensors (the format every tool loads)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(
-            f"--out: cannot create folder {out.parent} ({error.strerror}); choose a writable folder"
-        ) from None
+    make_parent(out)
     paths = {"identity": out, "curve": out.with_suffix(".loss.png"), "attention": out.with_suffix(".attention.png")}
     if _wants_samples(args):
         paths["samples"] = out.with_suffix(".samples.png")

@@ -120,3 +120,12 @@ def atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool) -> 
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
     return path
+
+
+def make_parent(path: Path, flag: str = "--out") -> Path:
+    """Create the folder a file will be written to (like `train` does), or an InputError naming the flag."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{flag}: cannot create folder {Path(path).parent} ({error.strerror}); choose a writable folder") from None
+    return Path(path)

@@ -95,6 +95,7 @@ def add_many_parser(sub: argparse._SubParsersAction) -> None:
 def run_train_many(args: argparse.Namespace) -> int:
     """Check the whole manifest, then train this process's share of it."""
     from .distributed import local_device, process_group
+    from .files import make_parent
     from .formats import save_identity
     from .images import list_image_paths, load_image
     from .models import check_model_spec, default_resolution, default_templates, load_model, resolve_device
@@ -133,7 +134,7 @@ def run_train_many(args: argparse.Namespace) -> int:
         if result.stopped:
             print(f"[{rank}] line {entry.line}: stopped ({result.stopped}); nothing written", file=sys.stderr)
             return 3
-        entry.out.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(entry.out, f"--manifest line {entry.line}: out")
         save_identity(result.identity, entry.out, token=entry.token, overwrite=args.overwrite)
         print(f"[{rank}] line {entry.line}: wrote {entry.out} ({config.steps} steps, loss {result.losses[-1]:.4f})")
     return 0

@@ -206,8 +206,8 @@ def test_the_command_line_trains_then_encodes_then_starts_training_from_the_enco
     assert (tmp_path / "enc.run" / "state.pt").is_file() and (tmp_path / "enc.run" / "log.jsonl").is_file()
     photos = data_root / "person0"
     assert main(["encode", "--encoder", str(encoder_file), "--images", str(photos), "--vision", str(tower_folder),
-                 "--out", str(tmp_path / "alice.safetensors")]) == 0
-    identity = load_identity(tmp_path / "alice.safetensors")
+                 "--out", str(tmp_path / "new" / "alice.safetensors")]) == 0  # the folder is made, as train makes it
+    identity = load_identity(tmp_path / "new" / "alice.safetensors")
     assert identity.metadata["method"] == "encoder" and identity.n_tokens == 2
     # encode == the core call on the same photos
     encoder, tower = load_encoder(encoder_file), load_transformers_tower(tower_folder)

@@ -110,14 +110,14 @@ def add_encoder_parsers(sub: argparse._SubParsersAction) -> None:
 def run_train_encoder(args: argparse.Namespace) -> int:
     """Check, load, train with progress lines on stderr, write the encoder."""
     from ..distributed import local_device
-    from ..files import check_output_path
+    from ..files import check_output_path, make_parent
     from ..models import check_model_spec, default_resolution, default_templates, load_model, resolve_device
     from .train import EncoderTrainConfig, run_folder, train_encoder
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise InputError(f"--out: an encoder is saved as .safetensors, got '{out.name}'")
-    check_output_path(out, args.overwrite)
+    check_output_path(make_parent(out), args.overwrite)
     check_model_spec(args.model)
     config = EncoderTrainConfig(
         steps=args.steps, batch=args.batch, learning_rate=args.learning_rate, n_tokens=args.n_tokens,
@@ -173,11 +173,11 @@ def encode_pictures(encoder_file: str | Path, pictures: list, vision: str | None
 def run_encode(args: argparse.Namespace) -> int:
     """Encode the photos, write the identity."""
     from ..cli import _image_sources, _token
-    from ..files import check_output_path
+    from ..files import check_output_path, make_parent
     from ..formats import save_identity
     from ..images import list_image_paths, load_image
 
-    check_output_path(Path(args.out), args.overwrite)
+    check_output_path(make_parent(Path(args.out)), args.overwrite)
     token = _token(args)
     pictures = [load_image(p) for p in list_image_paths(_image_sources(args.images))]
     identity, encoder = encode_pictures(args.encoder, pictures, args.vision, token)
