@@ -278,9 +278,9 @@ def plan_train(args: argparse.Namespace) -> TrainPlan:
 
         start = load_identity(args.init_from)
     elif args.init_encoder is not None:
-        from .encoders.cli import encode_pictures
+        from .encoders.cli import encode_pictures, load_encoder_and_tower
 
-        start = encode_pictures(args.init_encoder, pictures, args.vision, token)[0]
+        start = encode_pictures(*load_encoder_and_tower(args.init_encoder, args.vision), pictures, token)
     return TrainPlan(paths, token, device, pictures, start, face_masks)
 
 

@@ -118,16 +118,17 @@ def run_train_many(args: argparse.Namespace) -> int:
     if not todo:
         return 0
     model = load_model(args.model, device)
-    from .encoders.cli import encode_pictures
+    from .encoders.cli import encode_pictures, load_encoder_and_tower
     from .images import images_to_tensor
     from .trainer import Trainer, preset_config
 
+    encoding = None if args.init_encoder is None else load_encoder_and_tower(args.init_encoder, args.vision)
     resolution = default_resolution(model)
     for entry in todo:
         pictures = [load_image(p) for p in photos[entry.line]]
         start = None
         if args.init_encoder is not None:
-            start = encode_pictures(args.init_encoder, pictures, args.vision, entry.token)[0]
+            start = encode_pictures(*encoding, pictures, entry.token)
         config = preset_config(entry.preset, token=entry.token, steps=entry.steps, seed=entry.seed,
                                resolution=resolution, templates=default_templates(model), attention_maps=False)
         result = Trainer(model, images_to_tensor(pictures, resolution), config, init=start).run()

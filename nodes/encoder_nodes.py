@@ -16,7 +16,7 @@ from ..core.prompts import check_trigger
 from .comfy_backend import clip_widths
 from .comfy_vision import vision_tower
 from .face_nodes import image_arrays
-from .identity_nodes import CATEGORY, IDENTITY, model_file, modified_time
+from .identity_nodes import CATEGORY, IDENTITY, first_value, model_file, modified_time
 
 IDENTITY_ENCODER = "IDENTITY_ENCODER"  # payload: core.encoders.mapper.IdentityEncoder, in eval mode on the CPU
 FOLDER = "identity_encoders"  # models/identity_encoders: encoders written by `python -m core train-encoder`
@@ -36,11 +36,6 @@ def register_folder() -> None:
 
 
 register_folder()
-
-
-def _first(value: object) -> object:
-    """The single value of an input that arrives as a list (INPUT_IS_LIST)."""
-    return value[0] if isinstance(value, list) and value else value
 
 
 class EncoderLoader:
@@ -136,13 +131,13 @@ class EncoderCustomize:
     def customize(self, images: list, encoder: list, token: list, clip_vision: list | None = None,
                   clip: list | None = None) -> tuple[Identity]:
         """Check the encoder against the CLIP and the tower, then encode the photos."""
-        model = _first(encoder)
+        model = first_value(encoder)
         if not isinstance(model, IdentityEncoder):
             raise InputError("encoder: connect Load Identity Encoder's output")
-        trigger = check_trigger(str(_first(token)).strip(), "token")
-        if clip and _first(clip) is not None:
-            check_text_widths(model.spec, clip_widths(_first(clip)), "clip")
-        tower = vision_tower(model.spec, _first(clip_vision) if clip_vision else None)
+        trigger = check_trigger(str(first_value(token)).strip(), "token")
+        if clip and first_value(clip) is not None:
+            check_text_widths(model.spec, clip_widths(first_value(clip)), "clip")
+        tower = vision_tower(model.spec, first_value(clip_vision) if clip_vision else None)
         identity = encode_photos(model, tower, _pictures(images), trigger)
         return (Identity(identity.rows, {**identity.metadata, "created_by": f"identity-tokens {__version__}"}),)
 

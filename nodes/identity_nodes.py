@@ -37,7 +37,7 @@ IDENTITY_FILE_SUFFIXES = (".safetensors", ".pt", ".bin")
 STAGED_SUFFIX = ".sefi"  # per-stage identities are saved as NAME.sefi.safetensors, so stock embedding:NAME never finds one
 
 
-def _first(value: object) -> object:
+def first_value(value: object) -> object:
     """The single value of an input that arrives as a list (nodes with INPUT_IS_LIST)."""
     return value[0] if isinstance(value, list) and value else value
 
@@ -237,14 +237,14 @@ class TrainIdentityToken:
         """Run the core trainer on the graph's models; a Cancel raises ComfyUI's interrupt and returns nothing."""
         import comfy.model_management as mm
 
-        name = _first(preset)
+        name = first_value(preset)
         if name not in PRESETS:
             raise InputError(f"preset: unknown '{name}'; choose one of {', '.join(PRESETS)}")
-        core_model = comfy_model(_first(model), _first(clip), _first(vae))  # refuses other families before any copy
-        size = int(_first(resolution)) or native_resolution(core_model.family, core_model.denoiser.prediction_type)
+        core_model = comfy_model(first_value(model), first_value(clip), first_value(vae))  # refuses other families before any copy
+        size = int(first_value(resolution)) or native_resolution(core_model.family, core_model.denoiser.prediction_type)
         photos = [batch.movedim(-1, 1).float() * 2 - 1 for batch in images or []]
         pixels, masks = fit_photos(photos, size, mask)
-        face = _first(face_loss) if face_loss else None
+        face = first_value(face_loss) if face_loss else None
         face_masks = masks
         if face is not None and face.masks:
             singles = [m for batch in face.masks for m in batch.reshape(-1, *batch.shape[-2:])]
@@ -260,20 +260,20 @@ class TrainIdentityToken:
                 raise InputError(f"face_loss: Face Attention Loss's {error}") from None
         if face is not None and face.setting.mode == "mask":  # before the photos are encoded: no wasted work
             check_face_masks(face_masks, pixels.shape[0])
-        reg = float(_first(reg_weight))
+        reg = float(first_value(reg_weight))
         config = preset_config(
-            PRESETS[name], steps=int(_first(steps)) or None, learning_rate=float(_first(learning_rate)) or None,
-            batch_size=int(_first(batch_size)) or None, reg_weight=None if reg < 0 else reg,
-            seed=int(_first(seed)), resolution=size, memory=_first(memory) if memory else None,
-            compile=bool(_first(compile)) if compile else None, face_loss=None if face is None else face.setting,
-            stages=int(_first(stages)) if per_stage and bool(_first(per_stage)) else None,
+            PRESETS[name], steps=int(first_value(steps)) or None, learning_rate=float(first_value(learning_rate)) or None,
+            batch_size=int(first_value(batch_size)) or None, reg_weight=None if reg < 0 else reg,
+            seed=int(first_value(seed)), resolution=size, memory=first_value(memory) if memory else None,
+            compile=bool(first_value(compile)) if compile else None, face_loss=None if face is None else face.setting,
+            stages=int(first_value(stages)) if per_stage and bool(first_value(per_stage)) else None,
         )
         check_stage_count(config.stages, config.steps)  # before the photos are encoded
-        start = _normal(_first(init)) if init and _first(init) is not None else None
-        progress = _Progress(config.steps, _first(unique_id))
+        start = _normal(first_value(init)) if init and first_value(init) is not None else None
+        progress = _Progress(config.steps, first_value(unique_id))
         try:
             latents = encode_training_latents(core_model, pixels, config.flip_p > 0)  # VAE first: no UNet eviction
-            with trainable(_first(model), _first(clip)):
+            with trainable(first_value(model), first_value(clip)):
                 trainer = Trainer(core_model, pixels, config, init=start, masks=masks, latents=latents, face_masks=face_masks)
                 progress.begin()
                 result = trainer.run(on_step=progress, should_stop=mm.processing_interrupted)

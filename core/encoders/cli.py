@@ -156,18 +156,22 @@ def run_train_encoder(args: argparse.Namespace) -> int:
     return 0
 
 
-def encode_pictures(encoder_file: str | Path, pictures: list, vision: str | None, token: str):  # noqa: ANN201
-    """(Identity, encoder) for PIL pictures of one subject (any sizes), on the CPU."""
+def load_encoder_and_tower(encoder_file: str | Path, vision: str | None):  # noqa: ANN201
+    """(IdentityEncoder, VisionTower) for --encoder and --vision, on the CPU; load once, encode many."""
+    from .files import load_encoder
+
+    encoder = load_encoder(encoder_path(encoder_file))
+    return encoder, vision_tower(vision, encoder.spec.vision)
+
+
+def encode_pictures(encoder, tower: VisionTower, pictures: list, token: str):  # noqa: ANN001, ANN201
+    """The Identity of PIL pictures of one subject (any sizes)."""
     import numpy as np
 
     from .data import to_unit
-    from .files import load_encoder
     from .mapper import encode_photos
 
-    encoder = load_encoder(encoder_path(encoder_file))
-    tower = vision_tower(vision, encoder.spec.vision)
-    photos = [to_unit([np.asarray(p.convert("RGB"))]) for p in pictures]
-    return encode_photos(encoder, tower, photos, token), encoder
+    return encode_photos(encoder, tower, [to_unit([np.asarray(p.convert("RGB"))]) for p in pictures], token)
 
 
 def run_encode(args: argparse.Namespace) -> int:
@@ -180,7 +184,8 @@ def run_encode(args: argparse.Namespace) -> int:
     check_output_path(make_parent(Path(args.out)), args.overwrite)
     token = _token(args)
     pictures = [load_image(p) for p in list_image_paths(_image_sources(args.images))]
-    identity, encoder = encode_pictures(args.encoder, pictures, args.vision, token)
+    encoder, tower = load_encoder_and_tower(args.encoder, args.vision)
+    identity = encode_pictures(encoder, tower, pictures, token)
     path = save_identity(identity, Path(args.out), token=token, overwrite=args.overwrite)
     print(f"wrote {path} ({len(pictures)} photo(s) through {encoder_path(args.encoder).name}, "
           f"{encoder.spec.n_tokens} token(s) for {encoder.spec.family})")
