@@ -7,11 +7,16 @@ reference pictures with its preset (templates: the world's caption openings), th
 6 edits) with 2 sampling seeds (DDIM 25 steps, guidance 4). Writes OUT.json (every row, the settings, the machine)
 and OUT.md (the table: mean and standard deviation over subjects x seeds, training seconds) and OUT.png (the first
 subject: references, then each method's pictures). Subjects are spread over --workers processes of one thread each.
+
+Each finished subject is kept in OUT.parts/ (its rows and pictures, with the settings); a run that stops (a long
+"TI 5000" run takes hours) starts again where it stopped when given the same settings, and the parts are removed once
+the table is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -19,7 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 
@@ -94,6 +99,62 @@ def picture(pictures: dict[str, np.ndarray], method_names: list[str], path: Path
     Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
 
 
+def _part_paths(out: Path, index: int) -> tuple[Path, Path]:
+    """Where subject index's finished rows (JSON) and pictures (npz) are kept until the table is written."""
+    folder = out.with_name(out.name + ".parts")
+    return folder / f"subject-{index}.json", folder / f"subject-{index}.npz"
+
+
+def _save_part(out: Path, index: int, settings: dict, result: tuple[list[dict], dict[str, np.ndarray]]) -> None:
+    """Keep one finished subject (pictures first, so a JSON part always has its pictures)."""
+    from core.files import atomic_write
+
+    rows, pictures = result
+    rows_path, pictures_path = _part_paths(out, index)
+    rows_path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(pictures)
+
+    def write_pictures(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            np.savez(handle, *[pictures[n] for n in names])
+
+    atomic_write(pictures_path, write_pictures, overwrite=True)
+    text = json.dumps({"settings": settings, "pictures": names, "rows": rows}) + "\n"
+    atomic_write(rows_path, lambda tmp: tmp.write_text(text), overwrite=True)
+
+
+def _load_part(out: Path, index: int, settings: dict) -> tuple[list[dict], dict[str, np.ndarray]] | None:
+    """A subject kept by an earlier run with the same settings, or None."""
+    rows_path, pictures_path = _part_paths(out, index)
+    if not rows_path.is_file() or not pictures_path.is_file():
+        return None
+    part = json.loads(rows_path.read_text())
+    if part["settings"] != settings:
+        return None
+    with np.load(pictures_path, allow_pickle=False) as arrays:
+        pictures = {name: arrays[f"arr_{i}"] for i, name in enumerate(part["pictures"])}
+    return part["rows"], pictures
+
+
+def run_subjects(
+    out: Path, subjects: int, method_names: list[str], seeds: list[int], model: str, workers: int
+) -> tuple[list[tuple[list[dict], dict[str, np.ndarray]]], list[int]]:
+    """Every subject's rows and pictures: kept parts of an earlier run with these settings, the rest computed;
+    and the kept subjects."""
+    settings = {"methods": method_names, "seeds": seeds, "model": model}
+    results = {i: part for i in range(subjects) if (part := _load_part(out, i, settings)) is not None}
+    if results:
+        print(f"kept from an earlier run: subjects {sorted(results)}", flush=True)
+    missing = [i for i in range(subjects) if i not in results]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(_subject_rows, (i, method_names, seeds, model)): i for i in missing}
+        for future in as_completed(futures):
+            index = futures[future]
+            results[index] = future.result()
+            _save_part(out, index, settings, results[index])
+    return [results[i] for i in range(subjects)], sorted(set(range(subjects)) - set(missing))
+
+
 def _commit() -> str:
     """The repository's commit and whether core/ has uncommitted changes."""
     try:
@@ -120,11 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     started = time.perf_counter()
-    jobs = [(i, args.methods, args.seeds, args.model) for i in range(args.subjects)]
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        results = list(pool.map(_subject_rows, jobs))
-    rows = [row for subject_rows, _ in results for row in subject_rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    results, kept = run_subjects(args.out, args.subjects, args.methods, args.seeds, args.model, args.workers)
+    rows = [row for subject_rows, _ in results for row in subject_rows]
     import torch
 
     report = {
@@ -133,15 +192,22 @@ def main(argv: list[str] | None = None) -> int:
         "commit": _commit(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{args.workers} worker processes x 1 thread",
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),  # this run's; kept subjects ran before it
+        "kept_subjects": kept,
         "rows": rows,
     }
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     text = table(rows, args.methods)
     header = f"`{report['command']}` — {report['date']}, commit {report['commit']}, {report['machine']}, " \
-             f"{report['wall_seconds'] / 60:.1f} min in all\n\n"
+             f"{report['wall_seconds'] / 60:.1f} min in all" + \
+             (f" (subjects {kept} kept from an earlier run)" if kept else "") + "\n\n"
     args.out.with_suffix(".md").write_text(header + text + "\n")
     picture(results[0][1], args.methods, args.out.with_suffix(".png"))
+    for index in range(args.subjects):
+        for path in _part_paths(args.out, index):
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        _part_paths(args.out, 0)[0].parent.rmdir()
     print(header + text)
     return 0
 

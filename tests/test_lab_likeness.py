@@ -95,3 +95,29 @@ def test_the_likeness_benchmark_writes_its_table(tmp_path: Path) -> None:
     assert [r["method"] for r in report["rows"]] == ["class word", "Cross-Init fast 25"]
     assert all(0 <= r["likeness"] <= 1 and 0 <= r["editability"] <= 1 for r in report["rows"])
     assert "| Cross-Init fast 25 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").is_file()
+
+
+def test_the_likeness_benchmark_keeps_finished_subjects_and_resumes(tmp_path: Path) -> None:
+    from benchmarks.likeness import main as benchmark
+    from benchmarks.likeness import run_subjects
+
+    out = tmp_path / "likeness"
+    results, kept = run_subjects(out, 2, ["class word"], [0], "lab", 1)  # as a run stopped before its table
+    assert kept == [] and sorted(p.name for p in (tmp_path / "likeness.parts").iterdir()) == [
+        "subject-0.json", "subject-0.npz", "subject-1.json", "subject-1.npz"]
+    part = tmp_path / "likeness.parts" / "subject-1.json"
+    kept_part = json.loads(part.read_text())
+    kept_part["rows"][0]["likeness"] = 0.123  # marks the row as the kept one, not a recomputed one
+    part.write_text(json.dumps(kept_part))
+    (tmp_path / "likeness.parts" / "subject-0.json").unlink()  # subject 0 must run again
+
+    assert benchmark(["--subjects", "2", "--workers", "1", "--methods", "class word", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["kept_subjects"] == [1]
+    assert [r["likeness"] for r in report["rows"]] == [results[0][0][0]["likeness"], 0.123]
+    assert not (tmp_path / "likeness.parts").exists()  # removed once the table is written
+
+    other = tmp_path / "other"
+    run_subjects(other, 1, ["class word"], [0], "lab", 1)
+    again, kept = run_subjects(other, 1, ["class word"], [0, 1], "lab", 1)  # other settings: not reused
+    assert kept == []
