@@ -44,7 +44,13 @@ def _subject_rows(job: tuple[int, list[str], list[int], str]) -> tuple[list[dict
 
     torch.set_num_threads(1)
     from core.lab import world
-    from core.lab.evaluation import METHODS, reference_pictures, score_identity, train_identity
+    from core.lab.evaluation import (
+        METHODS,
+        reference_face_masks,
+        reference_pictures,
+        score_identity,
+        train_identity,
+    )
     from core.lab.evaluator import load_evaluator
     from core.models import load_model
 
@@ -52,10 +58,11 @@ def _subject_rows(job: tuple[int, list[str], list[int], str]) -> tuple[list[dict
     evaluator = load_evaluator()
     subject = world.held_out_subjects(index + 1)[index]
     references = reference_pictures(subject, seed=index)
+    faces = reference_face_masks(subject, seed=index)
     rows, pictures = [], {"references": np.stack(references)}
     for name in method_names:
         for seed in seeds if METHODS[name].preset else seeds[:1]:  # one pass and the class word draw nothing at random
-            identity, seconds = train_identity(model, references, METHODS[name], seed=seed)
+            identity, seconds = train_identity(model, references, METHODS[name], seed=seed, face_masks=faces)
             scores, images = score_identity(model, evaluator, identity, subject)
             rows.append({"method": name, "subject": index, "seed": seed, "train_seconds": round(seconds, 2),
                          **asdict(scores)})

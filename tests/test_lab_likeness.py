@@ -70,6 +70,28 @@ def test_cross_init_captures_a_held_out_subjects_likeness(lab) -> None:  # noqa:
     assert with_identity.likeness >= class_word.likeness + CROSS_INIT_MARGIN, (with_identity, class_word)
 
 
+def test_the_face_loss_row_trains_on_the_worlds_face_masks(lab) -> None:  # noqa: ANN001
+    """The face-loss method needs the references' face masks, and they steer its rows: the world's masks and their
+    inverse (everything but the face) give other identities."""
+    from core.errors import InputError
+    from core.lab import world
+    from core.lab.evaluation import METHODS, reference_face_masks, reference_pictures, train_identity
+
+    model, _evaluator = lab
+    subject = world.held_out_subjects(1)[0]
+    pictures, faces = reference_pictures(subject), reference_face_masks(subject)
+    method = METHODS["Cross-Init 320 + face loss"]
+    with pytest.raises(InputError, match="face_masks"):
+        train_identity(model, pictures, method, steps=2)
+    rows = {}
+    for label, masks in (("face", faces), ("not face", 1 - faces)):
+        identity, _ = train_identity(model, pictures, method, face_masks=masks, steps=3)
+        rows[label] = identity.rows_for("clip_l", 64)
+    plain, _ = train_identity(model, pictures, METHODS["Cross-Init 320"], steps=3)
+    assert not torch.allclose(rows["face"], rows["not face"], atol=1e-6)
+    assert not torch.allclose(rows["face"], plain.rows_for("clip_l", 64), atol=1e-6)
+
+
 def test_the_readme_main_job_writes_a_sample_sheet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "lab_subject.safetensors"
     monkeypatch.setattr(sys, "argv", ["core"])

@@ -25,6 +25,7 @@ from core.lab.world import (
     held_out_subjects,
     pretraining_sample,
     random_variable,
+    reference_face_masks,
     reference_images,
     render,
     sample_subject,
@@ -302,3 +303,20 @@ def test_reference_images_vary_on_a_mostly_plain_scene() -> None:
         [abs(image[BORDER].mean() / plain_border.mean() - 1) < 0.1 and image[BORDER].std() < 3 for image in images]
     )
     assert plain.sum() == 6 and not plain[3] and not plain[7]
+
+
+def test_reference_face_masks_cover_each_pictures_face() -> None:
+    """Each reference picture's mask covers its face: inside, mostly skin (eyes, mouth and a hair cap are not);
+    outside, no skin at all; it moves with the picture's jitter and pose."""
+    for subject in held_out_subjects(3):
+        skin = world.skin_colour(subject.trait("skin_tone"))
+        masks = reference_face_masks(subject, count=8, seed=1)
+        views = world._reference_views(8, 1)
+        assert len(masks) == 8 and all(m.shape == (32, 32) and 0 <= m.min() and m.max() <= 1 for m in masks)
+        for mask, image, (_variable, jitter) in zip(masks, reference_images(subject, count=8, seed=1), views):
+            unlit = image.astype(float) / jitter.brightness
+            is_skin = np.abs(unlit - skin).max(-1) < 3
+            assert is_skin[mask > 0.99].mean() > 0.45 and is_skin[mask < 0.01].mean() == 0
+        centres = {(round(float((m * world._COL).sum() / m.sum())), round(float((m * world._ROW).sum() / m.sum())))
+                   for m in masks}
+        assert len(centres) > 1  # the masks follow the shifts, not one fixed ellipse

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..identity import Identity
 from ..protocols import SLOT, Model
 from ..sample import generate
@@ -52,13 +53,15 @@ DEMO_PROMPTS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the table: a training preset and step count (None: no training), and whether the start is the lab
-    encoder's identity of the references; neither is the class-word baseline."""
+    """One row of the table: a training preset and step count (None: no training), whether the start is the lab
+    encoder's identity of the references, and whether the face-wise attention loss (mask mode, SeFi-IDE's weight)
+    trains on the references' face masks; a method with no preset and no encoder is the class-word baseline."""
 
     name: str
     preset: str | None
     steps: int | None = None
     encoder: bool = False
+    face_loss: bool = False
 
     @property
     def is_baseline(self) -> bool:
@@ -74,6 +77,7 @@ METHODS: dict[str, Method] = {
         Method("TI 5000", "textual_inversion", 5000),
         Method("Cross-Init 320", "cross_init", 320),
         Method("Cross-Init fast 25", "cross_init_fast", 25),
+        Method("Cross-Init 320 + face loss", "cross_init", 320, face_loss=True),
         Method("Encoder (one pass)", None, encoder=True),
         Method("Encoder + fast 25", "cross_init_fast", 25, encoder=True),
     )
@@ -83,6 +87,12 @@ METHODS: dict[str, Method] = {
 def reference_pictures(subject: world.Subject, seed: int = 0) -> list[np.ndarray]:
     """The reference pictures a method trains on."""
     return world.reference_images(subject, REFERENCES, seed=seed)
+
+
+def reference_face_masks(subject: world.Subject, seed: int = 0) -> torch.Tensor:
+    """The face masks of reference_pictures(subject, seed) as the trainer's (N, 1, 32, 32) float batch: the world
+    knows where it drew each face, so no face detector is involved."""
+    return torch.from_numpy(np.stack(world.reference_face_masks(subject, REFERENCES, seed=seed))).float()[:, None]
 
 
 def pictures_to_tensor(pictures: Sequence[np.ndarray]) -> torch.Tensor:
@@ -101,27 +111,32 @@ def encoder_identity(pictures: Sequence[np.ndarray], encoder_file: Path = LAB_EN
 
 
 def train_identity(
-    model: Model, pictures: Sequence[np.ndarray], method: Method, seed: int = 0, **overrides: object
+    model: Model,
+    pictures: Sequence[np.ndarray],
+    method: Method,
+    seed: int = 0,
+    face_masks: torch.Tensor | None = None,
+    **overrides: object,
 ) -> tuple[Identity | None, float]:
-    """Make the method's identity of the pictures; (identity, seconds). The baseline makes none: (None, 0)."""
+    """Make the method's identity of the pictures (face_masks: theirs, for a face-loss method); (identity, seconds).
+    The baseline makes none: (None, 0)."""
     if method.is_baseline:
         return None, 0.0
+    from ..sefi import FaceLoss
     from ..trainer import Trainer, preset_config
+
+    if method.face_loss and face_masks is None:
+        raise InputError(f"face_masks: {method.name} trains with the face loss; give the pictures' face masks")
 
     started = time.perf_counter()
     start = encoder_identity(pictures) if method.encoder else None
     if method.preset is None:
         return start, time.perf_counter() - started
-    config = preset_config(
-        method.preset,
-        steps=method.steps,
-        resolution=RESOLUTION,
-        seed=seed,
-        templates=TEMPLATES,
-        attention_maps=False,
-        **overrides,
-    )
-    result = Trainer(model, pictures_to_tensor(pictures), config, init=start).run()
+    settings = {"steps": method.steps, "resolution": RESOLUTION, "seed": seed, "templates": TEMPLATES,
+                "attention_maps": False, "face_loss": FaceLoss(mode="mask") if method.face_loss else None}
+    config = preset_config(method.preset, **{**settings, **overrides})
+    faces = face_masks if method.face_loss else None
+    result = Trainer(model, pictures_to_tensor(pictures), config, init=start, face_masks=faces).run()
     return result.identity, time.perf_counter() - started
 
 

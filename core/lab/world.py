@@ -401,25 +401,53 @@ def check_variable(variable: Mapping[str, str]) -> dict[str, str]:
     return full
 
 
+@dataclass(frozen=True)
+class Jitter:
+    """How one picture is shifted (whole pixels) and lit: the background's phase and a brightness factor."""
+
+    dx: int = 0
+    dy: int = 0
+    phase: int = 0
+    brightness: float = 1.0
+
+
+def draw_jitter(rng: np.random.Generator | None) -> Jitter:
+    """A random jitter (±1 px, background phase, brightness ±8%), or none when rng is None."""
+    if rng is None:
+        return Jitter()
+    dx, dy = (int(v) for v in rng.integers(-1, 2, size=2))
+    return Jitter(dx, dy, int(rng.integers(0, 7)), 1.0 + float(rng.uniform(-0.08, 0.08)))
+
+
 def render(subject: Subject, variable: Mapping[str, str], rng: np.random.Generator | None = None) -> np.ndarray:
     """A (32, 32, 3) uint8 picture of subject; rng adds jitter (±1 px, background phase, brightness), None none."""
-    variable = check_variable(variable)
-    if rng is None:
-        dx, dy, phase, brightness = 0, 0, 0, 1.0
-    else:
-        dx, dy = (int(v) for v in rng.integers(-1, 2, size=2))
-        phase, brightness = int(rng.integers(0, 7)), 1.0 + float(rng.uniform(-0.08, 0.08))
-    canvas = _background(variable["scene"], phase)
-    _paint_subject(canvas, subject, variable, dx, dy)
-    return np.clip(np.rint(canvas * brightness), 0, 255).astype(np.uint8)
+    return render_at(subject, check_variable(variable), draw_jitter(rng))
+
+
+def render_at(subject: Subject, variable: Mapping[str, str], jitter: Jitter) -> np.ndarray:
+    """The picture of subject with a given jitter."""
+    canvas = _background(variable["scene"], jitter.phase)
+    _paint_subject(canvas, subject, variable, jitter.dx, jitter.dy)
+    return np.clip(np.rint(canvas * jitter.brightness), 0, 255).astype(np.uint8)
+
+
+def _face_ellipse(subject: Subject, pose: str, dx: int, dy: int) -> tuple[float, float, float, float]:
+    """The face's centre and half-axes (cx, cy, a, b) in pixels."""
+    turn = {"front": 0, "left": -1, "right": 1}[pose]
+    return 16.0 + dx + turn, 14.0 + dy, 6.5 + 3 * subject.trait("face_width"), 8 + 2 * subject.trait("face_length")
+
+
+def face_mask(subject: Subject, variable: Mapping[str, str], jitter: Jitter) -> np.ndarray:
+    """(32, 32) float in [0, 1]: how much of each pixel the face's skin ellipse covers (hair, neck and shirt not)."""
+    cx, cy, a, b = _face_ellipse(subject, variable["pose"], jitter.dx, jitter.dy)
+    return _ellipse(cx, cy, a, b)
 
 
 def _paint_subject(canvas: np.ndarray, subject: Subject, variable: Mapping[str, str], dx: int, dy: int) -> None:
     """Paint the subject (hair, neck, shirt, face, features) onto the background, in place."""
     turn = {"front": 0, "left": -1, "right": 1}[variable["pose"]]
-    cx, cy = 16.0 + dx + turn, 14.0 + dy  # face centre; features move a further pixel toward the turn
+    cx, cy, a, b = _face_ellipse(subject, variable["pose"], dx, dy)  # features move a further pixel toward the turn
     fx = cx + turn
-    a, b = 6.5 + 3 * subject.trait("face_width"), 8 + 2 * subject.trait("face_length")
     skin = skin_colour(subject.trait("skin_tone"))
     hair = HAIR_COLOURS[subject.hair]
     back, cap = _hair_masks(subject.level("hair_style"), cx, cy, a, b, back_dx=-turn)
@@ -562,13 +590,23 @@ def reference_images(subject: Subject, count: int = 4, seed: int = 0) -> list[np
     """Reference pictures of a subject for personalisation: the first plain and default, then varied glasses,
     expression and pose, on the plain scene except every fourth (another scene).
     """
+    return [render_at(subject, variable, jitter) for variable, jitter in _reference_views(count, seed)]
+
+
+def reference_face_masks(subject: Subject, count: int = 4, seed: int = 0) -> list[np.ndarray]:
+    """The face masks of reference_images(subject, count, seed), picture by picture (for the face-wise loss)."""
+    return [face_mask(subject, variable, jitter) for variable, jitter in _reference_views(count, seed)]
+
+
+def _reference_views(count: int, seed: int) -> list[tuple[dict[str, str], Jitter]]:
+    """The variable attributes and jitter of each reference picture."""
     rng = np.random.default_rng(seed)
-    images = []
+    views = []
     for i in range(count):
         variable = dict(DEFAULT_VARIABLE) if i == 0 else random_variable(rng)
         if i % 4 == 3:
             variable["scene"] = _pick(NAMED_ATTRIBUTES["scene"][1:], rng)
         else:
             variable["scene"] = "plain"
-        images.append(render(subject, variable, rng))
-    return images
+        views.append((variable, draw_jitter(rng)))
+    return views
