@@ -8,13 +8,17 @@ what the trained identity means.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .errors import InputError
-from .protocols import Model, condition
+from .protocols import Conditioning, Model, condition
+
+if TYPE_CHECKING:
+    from .sefi import StagedRows
 
 
 def ddim_timesteps(steps: int, train_steps: int = 1000, spacing: str = "leading") -> list[int]:
@@ -48,8 +52,10 @@ def generate(
     guidance: float = 4.0,
     seed: int = 0,
     resolution: int = 32,
+    staged: StagedRows | None = None,
 ) -> np.ndarray:
-    """Pictures (N, H, W, 3) uint8 for prompts; rows (the identity's rows per encoder key) fill each prompt's SLOT.
+    """Pictures (N, H, W, 3) uint8 for prompts; rows (the identity's rows per encoder key) fill each prompt's SLOT,
+    or, for a per-stage identity, staged does: each step's keys and values come from its timestep's stage.
 
     The noise comes from a CPU generator seeded with seed, so a seed gives the same pictures on every machine type up
     to float rounding. guidance 1 turns classifier-free guidance off (no unconditional pass).
@@ -67,7 +73,8 @@ def generate(
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((len(prompts), channels, resolution // scale, resolution // scale), generator=generator)
     x = x.to(device=device, dtype=torch.float32)
-    cond = condition(model, list(prompts), rows)
+    cond = condition(model, list(prompts), rows) if staged is None else None
+    by_stage: dict[int, Conditioning] = {}
     guided = guidance != 1.0
     if guided:
         empty = condition(model, [""] * len(prompts), None)
@@ -76,6 +83,11 @@ def generate(
     schedule = ddim_timesteps(steps, denoiser.num_train_timesteps, spacing)
     for i, t in enumerate(schedule):
         timesteps = torch.full((len(prompts),), t, device=device, dtype=torch.long)
+        if staged is not None:
+            stage = int(staged.schedule.stage_of(timesteps[:1])[0])
+            if stage not in by_stage:
+                by_stage[stage] = staged.condition(model, list(prompts), timesteps)
+            cond = by_stage[stage]
         prediction = denoiser.predict(x.to(dtype), timesteps, cond).float()
         if guided:
             unconditional = denoiser.predict(x.to(dtype), timesteps, empty).float()

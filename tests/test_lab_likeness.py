@@ -92,6 +92,40 @@ def test_the_face_loss_row_trains_on_the_worlds_face_masks(lab) -> None:  # noqa
     assert not torch.allclose(rows["face"], plain.rows_for("clip_l", 64), atol=1e-6)
 
 
+def test_per_stage_identities_sample_stage_by_stage(lab) -> None:  # noqa: ANN001
+    """The sampler gives a per-stage identity each step's own key and value rows: with the same rows in every stage it
+    draws what the plain rows draw; changing one early (noisy) stage's key and value rows changes the pictures."""
+    from core.identity import Identity
+    from core.lab.evaluation import generate_with
+    from core.stages import StageSchedule
+
+    model, _evaluator = lab
+    rows = torch.randn(2, 64, generator=torch.Generator().manual_seed(0)) * 0.5
+    plain = Identity({"clip_l": rows})
+    same = rows.expand(2, 5, 2, 64).clone()
+    schedule = StageSchedule.uniform(5)
+    prompts = ["a photo of {} on a beach"]
+    sampling = {"steps": 10, "seed": 3}
+    reference = generate_with(model, plain, prompts, **sampling)
+    assert np.array_equal(generate_with(model, Identity.from_stages({"clip_l": same}, schedule), prompts, **sampling),
+                          reference)
+    changed = same.clone()
+    changed[:, 4] = torch.randn(2, 2, 64, generator=torch.Generator().manual_seed(1))  # the noisiest stage's rows
+    pictures = generate_with(model, Identity.from_stages({"clip_l": changed}, schedule), prompts, **sampling)
+    assert np.abs(pictures.astype(int) - reference.astype(int)).mean() > 2
+
+
+def test_the_per_stage_row_trains_a_per_stage_identity(lab) -> None:  # noqa: ANN001
+    from core.lab import world
+    from core.lab.evaluation import METHODS, reference_face_masks, reference_pictures, train_identity
+
+    model, _evaluator = lab
+    subject = world.held_out_subjects(1)[0]
+    identity, _ = train_identity(model, reference_pictures(subject), METHODS["Cross-Init 320 + face loss + 5 stages"],
+                                 face_masks=reference_face_masks(subject), steps=5)
+    assert identity.is_staged and identity.num_stages == 5
+
+
 def test_the_readme_main_job_writes_a_sample_sheet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "lab_subject.safetensors"
     monkeypatch.setattr(sys, "argv", ["core"])

@@ -62,6 +62,7 @@ class Method:
     steps: int | None = None
     encoder: bool = False
     face_loss: bool = False
+    stages: int | None = None  # per-stage key/value tokens (SeFi-IDE-style), sampled stage by stage
 
     @property
     def is_baseline(self) -> bool:
@@ -78,6 +79,8 @@ METHODS: dict[str, Method] = {
         Method("Cross-Init 320", "cross_init", 320),
         Method("Cross-Init fast 25", "cross_init_fast", 25),
         Method("Cross-Init 320 + face loss", "cross_init", 320, face_loss=True),
+        Method("Cross-Init 320 + 5 stages", "cross_init", 320, stages=5),
+        Method("Cross-Init 320 + face loss + 5 stages", "cross_init", 320, face_loss=True, stages=5),
         Method("Encoder (one pass)", None, encoder=True),
         Method("Encoder + fast 25", "cross_init_fast", 25, encoder=True),
     )
@@ -133,7 +136,8 @@ def train_identity(
     if method.preset is None:
         return start, time.perf_counter() - started
     settings = {"steps": method.steps, "resolution": RESOLUTION, "seed": seed, "templates": TEMPLATES,
-                "attention_maps": False, "face_loss": FaceLoss(mode="mask") if method.face_loss else None}
+                "attention_maps": False, "face_loss": FaceLoss(mode="mask") if method.face_loss else None,
+                "stages": method.stages}
     config = preset_config(method.preset, **{**settings, **overrides})
     faces = face_masks if method.face_loss else None
     result = Trainer(model, pictures_to_tensor(pictures), config, init=start, face_masks=faces).run()
@@ -152,6 +156,12 @@ def generate_with(
     """Pictures of prompts whose SLOT is the identity, or the class word when identity is None."""
     if identity is None:
         return generate(model, [p.replace(SLOT, CLASS_WORD) for p in prompts], seed=seed, **sampling)
+    if identity.is_staged:
+        from ..sefi import StagedRows
+
+        device = model.denoiser.device
+        stages = {enc.key: identity.stage_rows_for(enc.key, enc.width).to(device) for enc in model.encoders}
+        return generate(model, list(prompts), seed=seed, staged=StagedRows(stages, identity.schedule), **sampling)
     return generate(model, list(prompts), identity_rows(model, identity), seed=seed, **sampling)
 
 
