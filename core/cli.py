@@ -190,11 +190,10 @@ def _write_samples(model: Model, result: TrainResult, args: argparse.Namespace, 
     """References, then the prompts with the identity, then the same prompts and seed with the class word."""
     from .images import resize_and_crop, save_png_atomic, to_rgb
     from .lab.evaluation import DEMO_PROMPTS
-    from .sample import generate, sample_sheet
+    from .sample import generate, generate_identity, sample_sheet
 
     prompts = list(args.sample_prompts or DEMO_PROMPTS)
-    rows = {enc.key: result.identity.rows_for(enc.key, enc.width) for enc in model.encoders}
-    with_identity = generate(model, prompts, rows, seed=args.seed, resolution=resolution)
+    with_identity = generate_identity(model, prompts, result.identity, seed=args.seed, resolution=resolution)
     without = generate(model, [p.replace(SLOT, "a person") for p in prompts], seed=args.seed, resolution=resolution)
     references = [np.asarray(resize_and_crop(to_rgb(p), resolution)) for p in pictures]
     sheet = sample_sheet(

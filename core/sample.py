@@ -18,6 +18,7 @@ from .errors import InputError
 from .protocols import Conditioning, Model, condition
 
 if TYPE_CHECKING:
+    from .identity import Identity
     from .sefi import StagedRows
 
 
@@ -100,6 +101,18 @@ def generate(
     pixels = vae.decode((x / denoiser.scaling_factor).to(vae_dtype)).sample.float()
     pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def generate_identity(model: Model, prompts: Sequence[str], identity: Identity, **sampling: object) -> np.ndarray:
+    """Pictures of prompts whose SLOT is the identity: its rows, or stage by stage for a per-stage identity."""
+    device = model.denoiser.device
+    if identity.is_staged:
+        from .sefi import StagedRows
+
+        stages = {enc.key: identity.stage_rows_for(enc.key, enc.width).to(device) for enc in model.encoders}
+        return generate(model, prompts, staged=StagedRows(stages, identity.schedule), **sampling)
+    return generate(model, prompts, {enc.key: identity.rows_for(enc.key, enc.width).to(device) for enc in model.encoders},
+                    **sampling)
 
 
 SHEET_TILE = 96  # px per picture on a sample sheet (small pictures are enlarged without smoothing)

@@ -20,7 +20,7 @@ import torch
 from ..errors import InputError
 from ..identity import Identity
 from ..protocols import SLOT, Model
-from ..sample import generate
+from ..sample import generate, generate_identity
 from . import world
 from .evaluator import Evaluator, editability, likeness, read_images
 from .vision import LAB_ENCODER
@@ -144,25 +144,13 @@ def train_identity(
     return result.identity, time.perf_counter() - started
 
 
-def identity_rows(model: Model, identity: Identity) -> dict[str, torch.Tensor]:
-    """The identity's rows per encoder key, on the model's device."""
-    device = model.denoiser.device
-    return {enc.key: identity.rows_for(enc.key, enc.width).to(device) for enc in model.encoders}
-
-
 def generate_with(
     model: Model, identity: Identity | None, prompts: Sequence[str], seed: int = 0, **sampling: object
 ) -> np.ndarray:
     """Pictures of prompts whose SLOT is the identity, or the class word when identity is None."""
     if identity is None:
         return generate(model, [p.replace(SLOT, CLASS_WORD) for p in prompts], seed=seed, **sampling)
-    if identity.is_staged:
-        from ..sefi import StagedRows
-
-        device = model.denoiser.device
-        stages = {enc.key: identity.stage_rows_for(enc.key, enc.width).to(device) for enc in model.encoders}
-        return generate(model, list(prompts), seed=seed, staged=StagedRows(stages, identity.schedule), **sampling)
-    return generate(model, list(prompts), identity_rows(model, identity), seed=seed, **sampling)
+    return generate_identity(model, list(prompts), identity, seed=seed, **sampling)
 
 
 @dataclass
