@@ -8,9 +8,9 @@ reference pictures with its preset (templates: the world's caption openings), th
 and OUT.md (the table: mean and standard deviation over subjects x seeds, training seconds) and OUT.png (the first
 subject: references, then each method's pictures). Subjects are spread over --workers processes of one thread each.
 
-Each finished subject is kept in OUT.parts/ (its rows and pictures, with the settings); a run that stops (a long
-"TI 5000" run takes hours) starts again where it stopped when given the same settings, and the parts are removed once
-the table is written.
+Each finished subject is kept in OUT.parts/ (its rows and pictures, with the settings and commit); a run that stops
+(a long "TI 5000" run takes hours) starts again where it stopped when given the same settings (methods and their
+recipes, seeds, model, prompts), and the parts are removed once the table is written.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _subject_rows(job: tuple[int, list[str], list[int], str]) -> tuple[list[dict
     from core.lab import world
     from core.lab.evaluation import (
         METHODS,
-        reference_face_masks,
+        face_mask_batch,
         reference_pictures,
         score_identity,
         train_identity,
@@ -58,7 +58,7 @@ def _subject_rows(job: tuple[int, list[str], list[int], str]) -> tuple[list[dict
     evaluator = load_evaluator()
     subject = world.held_out_subjects(index + 1)[index]
     references = reference_pictures(subject, seed=index)
-    faces = reference_face_masks(subject, seed=index)
+    faces = face_mask_batch(subject, seed=index)
     rows, pictures = [], {"references": np.stack(references)}
     for name in method_names:
         for seed in seeds if METHODS[name].preset else seeds[:1]:  # one pass and the class word draw nothing at random
@@ -106,60 +106,100 @@ def picture(pictures: dict[str, np.ndarray], method_names: list[str], path: Path
     Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
 
 
-def _part_paths(out: Path, index: int) -> tuple[Path, Path]:
-    """Where subject index's finished rows (JSON) and pictures (npz) are kept until the table is written."""
-    folder = out.with_name(out.name + ".parts")
-    return folder / f"subject-{index}.json", folder / f"subject-{index}.npz"
+PART_GLOB = "subject-*.npz"
+
+
+def _part_path(out: Path, index: int) -> Path:
+    """Where subject index's finished rows and pictures are kept (one npz) until the table is written."""
+    return out.with_name(out.name + ".parts") / f"subject-{index}.npz"
+
+
+def part_settings(method_names: list[str], seeds: list[int], model: str) -> dict:
+    """What a kept subject must have been made with to be reused: each method's recipe (its preset's values too),
+    the seeds, the model, and the references, resolution, templates and prompts; as JSON gives it back."""
+    from core.lab import evaluation
+    from core.trainer import PRESETS
+
+    methods = {n: {**asdict(evaluation.METHODS[n]), "preset_values": PRESETS.get(evaluation.METHODS[n].preset or "")}
+               for n in method_names}
+    settings = {
+        "methods": methods, "seeds": seeds, "model": model, "references": evaluation.REFERENCES,
+        "resolution": evaluation.RESOLUTION, "templates": evaluation.TEMPLATES,
+        "prompts": [evaluation.PLAIN_PROMPTS, evaluation.EDIT_PROMPTS],
+    }
+    return json.loads(json.dumps(settings))
 
 
 def _save_part(out: Path, index: int, settings: dict, result: tuple[list[dict], dict[str, np.ndarray]]) -> None:
-    """Keep one finished subject (pictures first, so a JSON part always has its pictures)."""
+    """Keep one finished subject: its rows, settings and commit, and its pictures, in one file written atomically."""
     from core.files import atomic_write
 
     rows, pictures = result
-    rows_path, pictures_path = _part_paths(out, index)
-    rows_path.parent.mkdir(parents=True, exist_ok=True)
+    path = _part_path(out, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
     names = list(pictures)
+    part = json.dumps({"settings": settings, "commit": _commit(), "pictures": names, "rows": rows})
 
-    def write_pictures(tmp: Path) -> None:
+    def write(tmp: Path) -> None:
         with tmp.open("wb") as handle:
-            np.savez(handle, *[pictures[n] for n in names])
+            np.savez(handle, part=np.array(part), **{f"picture_{k}": pictures[n] for k, n in enumerate(names)})
 
-    atomic_write(pictures_path, write_pictures, overwrite=True)
-    text = json.dumps({"settings": settings, "pictures": names, "rows": rows}) + "\n"
-    atomic_write(rows_path, lambda tmp: tmp.write_text(text), overwrite=True)
+    atomic_write(path, write, overwrite=True)
 
 
-def _load_part(out: Path, index: int, settings: dict) -> tuple[list[dict], dict[str, np.ndarray]] | None:
-    """A subject kept by an earlier run with the same settings, or None."""
-    rows_path, pictures_path = _part_paths(out, index)
-    if not rows_path.is_file() or not pictures_path.is_file():
+def _load_part(out: Path, index: int, settings: dict) -> tuple[list[dict], dict[str, np.ndarray], str] | None:
+    """A subject kept by an earlier run with the same settings, as (rows, pictures, its commit), or None."""
+    path = _part_path(out, index)
+    if not path.is_file():
         return None
-    part = json.loads(rows_path.read_text())
-    if part["settings"] != settings:
-        return None
-    with np.load(pictures_path, allow_pickle=False) as arrays:
-        pictures = {name: arrays[f"arr_{i}"] for i, name in enumerate(part["pictures"])}
-    return part["rows"], pictures
+    with np.load(path, allow_pickle=False) as arrays:
+        part = json.loads(str(arrays["part"]))
+        if part["settings"] != settings:
+            return None
+        pictures = {name: arrays[f"picture_{k}"] for k, name in enumerate(part["pictures"])}
+    return part["rows"], pictures, part["commit"]
 
 
 def run_subjects(
     out: Path, subjects: int, method_names: list[str], seeds: list[int], model: str, workers: int
 ) -> tuple[list[tuple[list[dict], dict[str, np.ndarray]]], list[int]]:
-    """Every subject's rows and pictures: kept parts of an earlier run with these settings, the rest computed;
-    and the kept subjects."""
-    settings = {"methods": method_names, "seeds": seeds, "model": model}
-    results = {i: part for i in range(subjects) if (part := _load_part(out, i, settings)) is not None}
-    if results:
-        print(f"kept from an earlier run: subjects {sorted(results)}", flush=True)
+    """Every subject's rows and pictures (kept parts of an earlier run with these settings, the rest computed, each
+    kept as it finishes) and the kept subjects. A failed subject stops the queued ones; those running still finish
+    and are kept, then the first error is raised."""
+    settings = part_settings(method_names, seeds, model)
+    results = {}
+    for index in range(subjects):
+        if (part := _load_part(out, index, settings)) is not None:
+            results[index] = part[:2]
+            print(f"subject {index}: kept from an earlier run (commit {part[2]})", flush=True)
     missing = [i for i in range(subjects) if i not in results]
+    error: BaseException | None = None
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(_subject_rows, (i, method_names, seeds, model)): i for i in missing}
         for future in as_completed(futures):
-            index = futures[future]
-            results[index] = future.result()
-            _save_part(out, index, settings, results[index])
+            if future.cancelled():
+                continue
+            if future.exception() is not None:
+                error = error or future.exception()
+                for other in futures:
+                    other.cancel()
+                continue
+            results[futures[future]] = future.result()
+            _save_part(out, futures[future], settings, results[futures[future]])
+    if error is not None:
+        raise error
     return [results[i] for i in range(subjects)], sorted(set(range(subjects)) - set(missing))
+
+
+def remove_parts(out: Path) -> None:
+    """Remove the kept subjects (and temp files a stopped write left) once the table is written."""
+    folder = _part_path(out, 0).parent
+    if not folder.is_dir():
+        return
+    for path in [*folder.glob(PART_GLOB), *folder.glob(".subject-*.npz.*.tmp")]:
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _commit() -> str:
@@ -206,15 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     text = table(rows, args.methods)
     header = f"`{report['command']}` — {report['date']}, commit {report['commit']}, {report['machine']}, " \
-             f"{report['wall_seconds'] / 60:.1f} min in all" + \
+             f"{report['wall_seconds'] / 60:.1f} min this run" + \
              (f" (subjects {kept} kept from an earlier run)" if kept else "") + "\n\n"
     args.out.with_suffix(".md").write_text(header + text + "\n")
     picture(results[0][1], args.methods, args.out.with_suffix(".png"))
-    for index in range(args.subjects):
-        for path in _part_paths(args.out, index):
-            path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        _part_paths(args.out, 0)[0].parent.rmdir()
+    remove_parts(args.out)
     print(header + text)
     return 0
 

@@ -74,6 +74,8 @@ def generate(
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((len(prompts), channels, resolution // scale, resolution // scale), generator=generator)
     x = x.to(device=device, dtype=torch.float32)
+    if staged is not None and rows is not None:
+        raise InputError("sampling: give an identity's rows or its per-stage rows, not both")
     cond = condition(model, list(prompts), rows) if staged is None else None
     by_stage: dict[int, Conditioning] = {}
     guided = guidance != 1.0
@@ -109,10 +111,11 @@ def generate_identity(model: Model, prompts: Sequence[str], identity: Identity, 
     if identity.is_staged:
         from .sefi import StagedRows
 
+        identity.schedule.check_covers(model.denoiser.num_train_timesteps)
         stages = {enc.key: identity.stage_rows_for(enc.key, enc.width).to(device) for enc in model.encoders}
         return generate(model, prompts, staged=StagedRows(stages, identity.schedule), **sampling)
-    return generate(model, prompts, {enc.key: identity.rows_for(enc.key, enc.width).to(device) for enc in model.encoders},
-                    **sampling)
+    rows = {enc.key: identity.rows_for(enc.key, enc.width).to(device) for enc in model.encoders}
+    return generate(model, prompts, rows, **sampling)
 
 
 SHEET_TILE = 96  # px per picture on a sample sheet (small pictures are enlarged without smoothing)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from core.cli import main
+from core.errors import InputError
 from core.lab.evaluation import stated_attribute_rate
 from core.lab.evaluator import load_evaluator
 from core.lab.model import MODEL_FOLDER
@@ -75,11 +76,11 @@ def test_the_face_loss_row_trains_on_the_worlds_face_masks(lab) -> None:  # noqa
     inverse (everything but the face) give other identities."""
     from core.errors import InputError
     from core.lab import world
-    from core.lab.evaluation import METHODS, reference_face_masks, reference_pictures, train_identity
+    from core.lab.evaluation import METHODS, face_mask_batch, reference_pictures, train_identity
 
     model, _evaluator = lab
     subject = world.held_out_subjects(1)[0]
-    pictures, faces = reference_pictures(subject), reference_face_masks(subject)
+    pictures, faces = reference_pictures(subject), face_mask_batch(subject)
     method = METHODS["Cross-Init 320 + face loss"]
     with pytest.raises(InputError, match="face_masks"):
         train_identity(model, pictures, method, steps=2)
@@ -115,14 +116,44 @@ def test_per_stage_identities_sample_stage_by_stage(lab) -> None:  # noqa: ANN00
     assert np.abs(pictures.astype(int) - reference.astype(int)).mean() > 2
 
 
+def test_each_sampling_step_uses_its_timesteps_stage(lab, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Every denoising step gets the conditioning built for stage floor(t * 5 / 1000) of its own timestep t (SeFi-IDE's
+    rule, as in training): no stale stage carried over, no reversed order."""
+    from core.sample import generate
+    from core.sefi import StagedRows
+    from core.stages import StageSchedule
+
+    model, _evaluator = lab
+    built_for: dict[int, int] = {}  # id of a conditioning -> the stage its timesteps give by the rule
+
+    class Recording(StagedRows):
+        def condition(self, model, prompts, timesteps):  # noqa: ANN001, ANN202
+            cond = super().condition(model, prompts, timesteps)
+            built_for[id(cond)] = int(timesteps[0]) * 5 // 1000
+            return cond
+
+    used: list[tuple[int, int | None]] = []
+    predict = model.denoiser.predict
+    monkeypatch.setattr(model.denoiser, "predict",
+                        lambda x, t, cond: used.append((int(t[0]), built_for.get(id(cond)))) or predict(x, t, cond))
+    rows = torch.randn(2, 5, 2, 64, generator=torch.Generator().manual_seed(0))
+    generate(model, ["a photo of {}"], staged=Recording({"clip_l": rows}, StageSchedule.uniform(5)), steps=10,
+             guidance=1.0)
+    assert len(used) == 10 and all(stage == t * 5 // 1000 for t, stage in used), used
+    assert {stage for _, stage in used} == {0, 1, 2, 3, 4}
+    with pytest.raises(InputError, match="not both"):
+        generate(model, ["a photo of {}"], {"clip_l": rows[1, 0]}, staged=Recording({"clip_l": rows},
+                 StageSchedule.uniform(5)), steps=2)
+
+
 def test_the_per_stage_row_trains_a_per_stage_identity(lab) -> None:  # noqa: ANN001
     from core.lab import world
-    from core.lab.evaluation import METHODS, reference_face_masks, reference_pictures, train_identity
+    from core.lab.evaluation import METHODS, face_mask_batch, reference_pictures, train_identity
 
     model, _evaluator = lab
     subject = world.held_out_subjects(1)[0]
     identity, _ = train_identity(model, reference_pictures(subject), METHODS["Cross-Init 320 + face loss + 5 stages"],
-                                 face_masks=reference_face_masks(subject), steps=5)
+                                 face_masks=face_mask_batch(subject), steps=5)
     assert identity.is_staged and identity.num_stages == 5
 
 
@@ -159,21 +190,46 @@ def test_the_likeness_benchmark_keeps_finished_subjects_and_resumes(tmp_path: Pa
 
     out = tmp_path / "likeness"
     results, kept = run_subjects(out, 2, ["class word"], [0], "lab", 1)  # as a run stopped before its table
-    assert kept == [] and sorted(p.name for p in (tmp_path / "likeness.parts").iterdir()) == [
-        "subject-0.json", "subject-0.npz", "subject-1.json", "subject-1.npz"]
-    part = tmp_path / "likeness.parts" / "subject-1.json"
-    kept_part = json.loads(part.read_text())
-    kept_part["rows"][0]["likeness"] = 0.123  # marks the row as the kept one, not a recomputed one
-    part.write_text(json.dumps(kept_part))
-    (tmp_path / "likeness.parts" / "subject-0.json").unlink()  # subject 0 must run again
+    parts = tmp_path / "likeness.parts"
+    assert kept == [] and sorted(p.name for p in parts.iterdir()) == ["subject-0.npz", "subject-1.npz"]
+    with np.load(parts / "subject-1.npz", allow_pickle=False) as arrays:
+        saved = dict(arrays)
+    part = json.loads(str(saved["part"]))
+    part["rows"][0]["likeness"] = 0.123  # marks the row as the kept one, not a recomputed one
+    saved["part"] = np.array(json.dumps(part))
+    np.savez(parts / "subject-1.npz", **saved)
+    (parts / "subject-0.npz").unlink()  # subject 0 must run again
+
+    again, kept = run_subjects(out, 2, ["class word"], [0], "lab", 1)
+    assert kept == [1] and again[1][0][0]["likeness"] == 0.123
+    assert again[1][1].keys() == results[1][1].keys()
+    assert all(np.array_equal(again[1][1][name], results[1][1][name]) for name in results[1][1])
 
     assert benchmark(["--subjects", "2", "--workers", "1", "--methods", "class word", "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
-    assert report["kept_subjects"] == [1]
+    assert report["kept_subjects"] == [0, 1]
     assert [r["likeness"] for r in report["rows"]] == [results[0][0][0]["likeness"], 0.123]
-    assert not (tmp_path / "likeness.parts").exists()  # removed once the table is written
+    assert not parts.exists()  # removed once the table is written
 
     other = tmp_path / "other"
     run_subjects(other, 1, ["class word"], [0], "lab", 1)
-    again, kept = run_subjects(other, 1, ["class word"], [0, 1], "lab", 1)  # other settings: not reused
+    _, kept = run_subjects(other, 1, ["class word"], [0, 1], "lab", 1)  # other seeds: not reused
     assert kept == []
+
+
+def _subject_or_failure(job: tuple) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Stands in for a subject's work in the benchmark's worker processes: subject 0 fails."""
+    index = job[0]
+    if index == 0:
+        raise RuntimeError("subject 0 broke")
+    return [{"method": "class word", "subject": index, "likeness": 0.5}], {"references": np.zeros((1, 32, 32, 3))}
+
+
+def test_a_failed_subject_keeps_the_finished_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import benchmarks.likeness as benchmark
+
+    monkeypatch.setattr(benchmark, "_subject_rows", _subject_or_failure)
+    with pytest.raises(RuntimeError, match="subject 0 broke"):  # raised once the running subjects are done
+        benchmark.run_subjects(tmp_path / "likeness", 3, ["class word"], [0], "lab", 1)
+    kept = {p.name for p in (tmp_path / "likeness.parts").iterdir()}
+    assert "subject-1.npz" in kept and "subject-0.npz" not in kept  # 1 was already queued when 0 failed

@@ -92,7 +92,7 @@ def reference_pictures(subject: world.Subject, seed: int = 0) -> list[np.ndarray
     return world.reference_images(subject, REFERENCES, seed=seed)
 
 
-def reference_face_masks(subject: world.Subject, seed: int = 0) -> torch.Tensor:
+def face_mask_batch(subject: world.Subject, seed: int = 0) -> torch.Tensor:
     """The face masks of reference_pictures(subject, seed) as the trainer's (N, 1, 32, 32) float batch: the world
     knows where it drew each face, so no face detector is involved."""
     return torch.from_numpy(np.stack(world.reference_face_masks(subject, REFERENCES, seed=seed))).float()[:, None]

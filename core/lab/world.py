@@ -425,27 +425,31 @@ def render(subject: Subject, variable: Mapping[str, str], rng: np.random.Generat
 
 
 def render_at(subject: Subject, variable: Mapping[str, str], jitter: Jitter) -> np.ndarray:
-    """The picture of subject with a given jitter."""
+    """The picture of subject with a given jitter; variable: a full, checked one (every variable attribute)."""
     canvas = _background(variable["scene"], jitter.phase)
     _paint_subject(canvas, subject, variable, jitter.dx, jitter.dy)
     return np.clip(np.rint(canvas * jitter.brightness), 0, 255).astype(np.uint8)
 
 
+_TURN = {"front": 0, "left": -1, "right": 1}  # pixels a pose moves the face (features move one more)
+
+
 def _face_ellipse(subject: Subject, pose: str, dx: int, dy: int) -> tuple[float, float, float, float]:
     """The face's centre and half-axes (cx, cy, a, b) in pixels."""
-    turn = {"front": 0, "left": -1, "right": 1}[pose]
+    turn = _TURN[pose]
     return 16.0 + dx + turn, 14.0 + dy, 6.5 + 3 * subject.trait("face_width"), 8 + 2 * subject.trait("face_length")
 
 
 def face_mask(subject: Subject, variable: Mapping[str, str], jitter: Jitter) -> np.ndarray:
-    """(32, 32) float in [0, 1]: how much of each pixel the face's skin ellipse covers (hair, neck and shirt not)."""
+    """(32, 32) float in [0, 1]: how much of each pixel the face ellipse covers (the eyes, mouth and a hair cap
+    painted over it included; the neck, shirt and hair around it not); variable: a full, checked one."""
     cx, cy, a, b = _face_ellipse(subject, variable["pose"], jitter.dx, jitter.dy)
     return _ellipse(cx, cy, a, b)
 
 
 def _paint_subject(canvas: np.ndarray, subject: Subject, variable: Mapping[str, str], dx: int, dy: int) -> None:
     """Paint the subject (hair, neck, shirt, face, features) onto the background, in place."""
-    turn = {"front": 0, "left": -1, "right": 1}[variable["pose"]]
+    turn = _TURN[variable["pose"]]
     cx, cy, a, b = _face_ellipse(subject, variable["pose"], dx, dy)  # features move a further pixel toward the turn
     fx = cx + turn
     skin = skin_colour(subject.trait("skin_tone"))
