@@ -4,7 +4,10 @@
 
 Prints markdown: where each run came from; the methods' table; each method against the class word and against a
 reference method (default Cross-Init 320), subject by subject (mean difference and on how many subjects it is
-higher); likeness per subject; editability per edit prompt. A method in two runs takes the later file's rows.
+higher); likeness per subject; editability per edit prompt; for methods trained with several seeds, the spread
+over subjects against the spread over training seeds. Rows are keyed by (method, subject, training seed): a later
+file's row replaces an earlier one's with the same key, and other seeds add to it, so a run with `--seeds 1` joins
+one with `--seeds 0`.
 """
 
 from __future__ import annotations
@@ -21,18 +24,17 @@ from benchmarks.likeness import table
 
 
 def load_runs(paths: Sequence[Path]) -> tuple[list[dict], list[dict], list[str]]:
-    """(the runs' headers, every row, the method names in first-seen order); a later file's method replaces an
-    earlier one's."""
-    headers, rows_by_method = [], {}
+    """(the runs' headers, every row, the method names in first-seen order); a later file's row replaces an earlier
+    one's with the same method, subject and training seed."""
+    headers, rows_by_key = [], {}
     for path in paths:
         report = json.loads(path.read_text())
         headers.append({"file": str(path), **{k: v for k, v in report.items() if k != "rows"}})
-        fresh: dict[str, list[dict]] = {}
         for row in report["rows"]:
-            fresh.setdefault(row["method"], []).append(row)
-        rows_by_method.update(fresh)
-    names = list(rows_by_method)
-    return headers, [row for name in names for row in rows_by_method[name]], names
+            rows_by_key[(row["method"], int(row["subject"]), int(row.get("seed", 0)))] = row
+    names = list(dict.fromkeys(method for method, _, _ in rows_by_key))
+    rows = sorted(rows_by_key.values(), key=lambda r: (names.index(r["method"]), int(r["subject"]), int(r["seed"])))
+    return headers, rows, names
 
 
 def _by_subject(rows: Sequence[dict], method: str, key: str) -> dict[int, float]:
@@ -84,6 +86,30 @@ def per_prompt_table(rows: Sequence[dict], names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def seed_spread_table(rows: Sequence[dict], names: Sequence[str]) -> str:
+    """For methods with several training seeds on a subject: the standard deviation over subjects (of each subject's
+    seed mean) beside the one over training seeds (within a subject, root mean square over subjects)."""
+    lines = ["| method | seeds | subjects | likeness: over subjects | likeness: over seeds | "
+             "editability: over subjects | editability: over seeds |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        per_subject: dict[int, list[dict]] = {}
+        for row in rows:
+            if row["method"] == name:
+                per_subject.setdefault(int(row["subject"]), []).append(row)
+        repeated = {s: group for s, group in per_subject.items() if len(group) > 1}
+        if not repeated:
+            continue
+        cells = []
+        for key in ("likeness", "editability"):
+            means = [np.mean([float(r[key]) for r in group]) for group in repeated.values()]
+            within = [np.var([float(r[key]) for r in group], ddof=1) for group in repeated.values()]
+            over_subjects = float(np.std(means, ddof=1)) if len(means) > 1 else 0.0
+            cells += [f"{over_subjects:.3f}", f"{float(np.sqrt(np.mean(within))):.3f}"]
+        seeds = sorted({int(r["seed"]) for group in repeated.values() for r in group})
+        lines.append(f"| {name} | {', '.join(map(str, seeds))} | {len(repeated)} | {' | '.join(cells)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def tables(paths: Sequence[Path], reference: str = "Cross-Init 320") -> str:
     """Every table, as markdown."""
     headers, rows, names = load_runs(paths)
@@ -91,12 +117,14 @@ def tables(paths: Sequence[Path], reference: str = "Cross-Init 320") -> str:
                f"{h['wall_seconds'] / 60:.1f} min" + (f" (subjects {h['kept_subjects']} from an earlier run)"
                                                       if h.get("kept_subjects") else "") for h in headers]
     against = [m for m in ("class word", reference) if m in names]
+    spread = seed_spread_table(rows, names)
     return "\n\n".join([
         "Runs:\n\n" + "\n".join(sources),
         table(rows, names),
         "Subject by subject:\n\n" + paired_table(rows, names, against),
         "Likeness per subject (all pictures):\n\n" + per_subject_table(rows, names),
         "Editability per edit prompt (share of the prompt's attributes realised):\n\n" + per_prompt_table(rows, names),
+        *(["Spread over subjects and over training seeds (standard deviations):\n\n" + spread] if spread else []),
     ])
 
 

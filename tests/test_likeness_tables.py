@@ -43,3 +43,15 @@ def test_a_missing_run_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nothing.json")])
     assert "nothing.json" in capsys.readouterr().err
+
+
+def test_another_seed_joins_and_its_spread_is_reported(tmp_path: Path) -> None:
+    seed0 = _run(tmp_path / "s0.json", [_row("class word", s, 0.5) for s in range(2)]
+                 + [_row("B", s, 0.6 + 0.2 * s) for s in range(2)])
+    seed1 = _run(tmp_path / "s1.json", [_row("B", s, 0.7 + 0.2 * s, seed=1) for s in range(2)])
+    text = tables([seed0, seed1])
+    assert "| B | 0.650 | 0.850 |" in text  # each subject's mean over seeds 0 and 1
+    assert "| B | +0.250 (2/2) |" in text
+    # Subject means 0.65 and 0.85: std over subjects 0.141; within a subject the seeds differ by 0.1: std 0.071.
+    assert "| B | 0, 1 | 2 | 0.141 | 0.071 | 0.000 | 0.000 |" in text
+    assert "| class word | 0" not in text.split("Spread over subjects")[1]  # one seed: no spread row
