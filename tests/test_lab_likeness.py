@@ -93,6 +93,28 @@ def test_the_face_loss_row_trains_on_the_worlds_face_masks(lab) -> None:  # noqa
     assert not torch.allclose(rows["face"], plain.rows_for("clip_l", 64), atol=1e-6)
 
 
+def test_the_face_loss_sweep_rows_train_with_their_weight_and_mode(lab) -> None:  # noqa: ANN001
+    """The sweep's rows reach the trainer: a larger weight gives other rows than SeFi-IDE's, and the reference mode
+    trains without face masks and moves the rows away from plain Cross-Init's."""
+    from core.lab import world
+    from core.lab.evaluation import METHODS, face_loss_of, face_mask_batch, reference_pictures, train_identity
+
+    model, _evaluator = lab
+    subject = world.held_out_subjects(1)[0]
+    pictures, faces = reference_pictures(subject), face_mask_batch(subject)
+    assert face_loss_of(METHODS["Cross-Init 320 + face loss 0.3"]).weight == 0.3
+    rows = {}
+    for name in ("Cross-Init 320", "Cross-Init 320 + face loss", "Cross-Init 320 + face loss 0.3",
+                 "Cross-Init 320 + face loss (reference)"):
+        masks = faces if METHODS[name].face_mode == "mask" else None
+        identity, _ = train_identity(model, pictures, METHODS[name], face_masks=masks, steps=3)
+        rows[name] = identity.rows_for("clip_l", 64)
+    plain, default, heavy, reference = rows.values()
+    assert not torch.allclose(default, heavy, atol=1e-6)
+    assert (heavy - plain).norm() > (default - plain).norm()
+    assert not torch.allclose(reference, plain, atol=1e-6)
+
+
 def test_per_stage_identities_sample_stage_by_stage(lab) -> None:  # noqa: ANN001
     """The sampler gives a per-stage identity each step's own key and value rows: with the same rows in every stage it
     draws what the plain rows draw; changing one early (noisy) stage's key and value rows changes the pictures."""

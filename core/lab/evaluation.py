@@ -20,6 +20,7 @@ import torch
 from ..errors import InputError
 from ..identity import Identity
 from ..protocols import SLOT, Model
+from ..sefi import FaceLoss
 from ..sample import generate, generate_identity
 from . import world
 from .evaluator import Evaluator, editability, likeness, read_images
@@ -54,14 +55,17 @@ DEMO_PROMPTS: tuple[str, ...] = (
 @dataclass(frozen=True)
 class Method:
     """One row of the table: a training preset and step count (None: no training), whether the start is the lab
-    encoder's identity of the references, and whether the face-wise attention loss (mask mode, SeFi-IDE's weight)
-    trains on the references' face masks; a method with no preset and no encoder is the class-word baseline."""
+    encoder's identity of the references, and whether the face-wise attention loss trains too (mask mode on the
+    references' face masks, or the reference mode; at SeFi-IDE's weight unless face_weight says otherwise); a method
+    with no preset and no encoder is the class-word baseline."""
 
     name: str
     preset: str | None
     steps: int | None = None
     encoder: bool = False
     face_loss: bool = False
+    face_mode: str = "mask"
+    face_weight: float | None = None  # None: SeFi-IDE's (core.sefi.DEFAULT_WEIGHT)
     stages: int | None = None  # per-stage key/value tokens (SeFi-IDE-style), sampled stage by stage
 
     @property
@@ -81,6 +85,9 @@ METHODS: dict[str, Method] = {
         Method("Cross-Init 320 + face loss", "cross_init", 320, face_loss=True),
         Method("Cross-Init 320 + 5 stages", "cross_init", 320, stages=5),
         Method("Cross-Init 320 + face loss + 5 stages", "cross_init", 320, face_loss=True, stages=5),
+        Method("Cross-Init 320 + face loss 0.03", "cross_init", 320, face_loss=True, face_weight=0.03),
+        Method("Cross-Init 320 + face loss 0.3", "cross_init", 320, face_loss=True, face_weight=0.3),
+        Method("Cross-Init 320 + face loss (reference)", "cross_init", 320, face_loss=True, face_mode="reference"),
         Method("Encoder (one pass)", None, encoder=True),
         Method("Encoder + fast 25", "cross_init_fast", 25, encoder=True),
     )
@@ -113,6 +120,14 @@ def encoder_identity(pictures: Sequence[np.ndarray], encoder_file: Path = LAB_EN
     return encode_photos(load_encoder(encoder_file), load_tower(), [to_unit([p]) for p in pictures])
 
 
+def face_loss_of(method: Method) -> FaceLoss | None:
+    """The method's face-wise attention loss setting, or None."""
+    if not method.face_loss:
+        return None
+    weight = {} if method.face_weight is None else {"weight": method.face_weight}
+    return FaceLoss(mode=method.face_mode, **weight).check()
+
+
 def train_identity(
     model: Model,
     pictures: Sequence[np.ndarray],
@@ -125,21 +140,21 @@ def train_identity(
     The baseline makes none: (None, 0)."""
     if method.is_baseline:
         return None, 0.0
-    from ..sefi import FaceLoss
     from ..trainer import Trainer, preset_config
 
-    if method.face_loss and face_masks is None:
-        raise InputError(f"face_masks: {method.name} trains with the face loss; give the pictures' face masks")
+    masked = method.face_loss and method.face_mode == "mask"
+    if masked and face_masks is None:
+        raise InputError(f"face_masks: {method.name} trains with the face loss's mask mode; give the pictures' face masks")
 
     started = time.perf_counter()
     start = encoder_identity(pictures) if method.encoder else None
     if method.preset is None:
         return start, time.perf_counter() - started
     settings = {"steps": method.steps, "resolution": RESOLUTION, "seed": seed, "templates": TEMPLATES,
-                "attention_maps": False, "face_loss": FaceLoss(mode="mask") if method.face_loss else None,
+                "attention_maps": False, "face_loss": face_loss_of(method),
                 "stages": method.stages}
     config = preset_config(method.preset, **{**settings, **overrides})
-    faces = face_masks if method.face_loss else None
+    faces = face_masks if masked else None
     result = Trainer(model, pictures_to_tensor(pictures), config, init=start, face_masks=faces).run()
     return result.identity, time.perf_counter() - started
 
