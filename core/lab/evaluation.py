@@ -20,8 +20,8 @@ import torch
 from ..errors import InputError
 from ..identity import Identity
 from ..protocols import SLOT, Model
-from ..sefi import FaceLoss
 from ..sample import generate, generate_identity
+from ..sefi import FaceLoss
 from . import world
 from .evaluator import Evaluator, editability, likeness, read_images
 from .vision import LAB_ENCODER
