@@ -1,4 +1,4 @@
-"""The likeness lab's tables from one or more runs of benchmarks.likeness, joined by method:
+"""The likeness lab's tables from one or more runs of benchmarks.likeness, joined by method, subject and seed:
 
     python -m benchmarks.likeness_tables benchmarks/results/likeness.json benchmarks/results/likeness_ti5000.json
 
@@ -7,7 +7,9 @@ reference method (default Cross-Init 320), subject by subject (mean difference a
 higher); likeness per subject; editability per edit prompt; for methods trained with several seeds, the spread
 over subjects against the spread over training seeds. Rows are keyed by (method, subject, training seed): a later
 file's row replaces an earlier one's with the same key, and other seeds add to it, so a run with `--seeds 1` joins
-one with `--seeds 0`.
+one with `--seeds 0`. A later run that covers fewer subjects replaces only those: the earlier run's other subjects
+stay in the tables (the runs list names every file read). The methods' table averages every row (a subject with
+more seeds weighs more); the paired and per-subject tables average each subject's seeds first.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def load_runs(paths: Sequence[Path]) -> tuple[list[dict], list[dict], list[str]]
         report = json.loads(path.read_text())
         headers.append({"file": str(path), **{k: v for k, v in report.items() if k != "rows"}})
         for row in report["rows"]:
+            row = {"seed": 0, **row}  # runs before training seeds were recorded trained with seed 0
             rows_by_key[(row["method"], int(row["subject"]), int(row.get("seed", 0)))] = row
     names = list(dict.fromkeys(method for method, _, _ in rows_by_key))
     rows = sorted(rows_by_key.values(), key=lambda r: (names.index(r["method"]), int(r["subject"]), int(r["seed"])))
@@ -88,7 +91,8 @@ def per_prompt_table(rows: Sequence[dict], names: Sequence[str]) -> str:
 
 def seed_spread_table(rows: Sequence[dict], names: Sequence[str]) -> str:
     """For methods with several training seeds on a subject: the standard deviation over subjects (of each subject's
-    seed mean) beside the one over training seeds (within a subject, root mean square over subjects)."""
+    seed mean; "—" for one subject) beside the one over training seeds (within a subject, root mean square over
+    subjects); subjects with one seed are left out of both."""
     lines = ["| method | seeds | subjects | likeness: over subjects | likeness: over seeds | "
              "editability: over subjects | editability: over seeds |", "|---|---|---|---|---|---|---|"]
     for name in names:
@@ -103,8 +107,8 @@ def seed_spread_table(rows: Sequence[dict], names: Sequence[str]) -> str:
         for key in ("likeness", "editability"):
             means = [np.mean([float(r[key]) for r in group]) for group in repeated.values()]
             within = [np.var([float(r[key]) for r in group], ddof=1) for group in repeated.values()]
-            over_subjects = float(np.std(means, ddof=1)) if len(means) > 1 else 0.0
-            cells += [f"{over_subjects:.3f}", f"{float(np.sqrt(np.mean(within))):.3f}"]
+            over_subjects = f"{float(np.std(means, ddof=1)):.3f}" if len(means) > 1 else "—"
+            cells += [over_subjects, f"{float(np.sqrt(np.mean(within))):.3f}"]
         seeds = sorted({int(r["seed"]) for group in repeated.values() for r in group})
         lines.append(f"| {name} | {', '.join(map(str, seeds))} | {len(repeated)} | {' | '.join(cells)} |")
     return "\n".join(lines) if len(lines) > 2 else ""

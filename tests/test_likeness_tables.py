@@ -24,7 +24,7 @@ def _run(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def test_runs_join_by_method_and_compare_subject_by_subject(tmp_path: Path) -> None:
+def test_runs_join_by_method_subject_and_seed_and_compare_subject_by_subject(tmp_path: Path) -> None:
     first = _run(tmp_path / "a.json", [_row("class word", s, 0.5) for s in range(3)]
                  + [_row("B", s, 0.9) for s in range(3)])
     # The later run replaces B and adds Cross-Init 320 on subjects 0-1 with two training seeds.
@@ -48,10 +48,27 @@ def test_a_missing_run_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -
 def test_another_seed_joins_and_its_spread_is_reported(tmp_path: Path) -> None:
     seed0 = _run(tmp_path / "s0.json", [_row("class word", s, 0.5) for s in range(2)]
                  + [_row("B", s, 0.6 + 0.2 * s) for s in range(2)])
-    seed1 = _run(tmp_path / "s1.json", [_row("B", s, 0.7 + 0.2 * s, seed=1) for s in range(2)])
+    old = json.loads(seed0.read_text())
+    for row in old["rows"]:
+        del row["seed"]  # a run from before training seeds were recorded: seed 0
+    seed0.write_text(json.dumps(old))
+    # Seed 1 differs from seed 0 by 0.1 on subject 0 and by 0.3 on subject 1.
+    seed1 = _run(tmp_path / "s1.json", [_row("B", 0, 0.7, seed=1), _row("B", 1, 1.1, seed=1)])
     text = tables([seed0, seed1])
-    assert "| B | 0.650 | 0.850 |" in text  # each subject's mean over seeds 0 and 1
-    assert "| B | +0.250 (2/2) |" in text
-    # Subject means 0.65 and 0.85: std over subjects 0.141; within a subject the seeds differ by 0.1: std 0.071.
-    assert "| B | 0, 1 | 2 | 0.141 | 0.071 | 0.000 | 0.000 |" in text
+    assert "| B | 0.650 | 0.950 |" in text  # each subject's mean over seeds 0 and 1
+    assert "| B | +0.300 (2/2) |" in text
+    # Subject means 0.65 and 0.95: std over subjects 0.212; within a subject the seeds' stds are 0.071 and 0.212,
+    # root mean square 0.158 (their plain mean would be 0.141).
+    assert "| B | 0, 1 | 2 | 0.212 | 0.158 | 0.000 | 0.000 |" in text
     assert "| class word | 0" not in text.split("Spread over subjects")[1]  # one seed: no spread row
+
+
+def test_one_subject_has_no_spread_over_subjects(tmp_path: Path) -> None:
+    run = _run(tmp_path / "a.json", [_row("B", 0, 0.6 + 0.1 * seed, seed) for seed in (0, 1)])
+    assert "| B | 0, 1 | 1 | — | 0.071 | — | 0.000 |" in tables([run])
+
+
+def test_a_later_run_with_fewer_subjects_replaces_only_those(tmp_path: Path) -> None:
+    first = _run(tmp_path / "a.json", [_row("B", s, 0.5) for s in range(2)])
+    second = _run(tmp_path / "b.json", [_row("B", 1, 0.9)])
+    assert "| B | 0.500 | 0.900 |" in tables([first, second])

@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from ..errors import InputError
 from ..identity import Identity
 from ..protocols import SLOT, Model
 from ..sample import generate, generate_identity
-from ..sefi import FaceLoss
+from ..sefi import DEFAULT_WEIGHT, FaceLoss
 from . import world
 from .evaluator import Evaluator, editability, likeness, read_images
 from .vision import LAB_ENCODER
@@ -56,7 +57,7 @@ DEMO_PROMPTS: tuple[str, ...] = (
 class Method:
     """One row of the table: a training preset and step count (None: no training), whether the start is the lab
     encoder's identity of the references, and whether the face-wise attention loss trains too (mask mode on the
-    references' face masks, or the reference mode; at SeFi-IDE's weight unless face_weight says otherwise); a method
+    references' face masks, or the reference mode; face_weight defaults to SeFi-IDE's); a method
     with no preset and no encoder is the class-word baseline."""
 
     name: str
@@ -64,8 +65,8 @@ class Method:
     steps: int | None = None
     encoder: bool = False
     face_loss: bool = False
-    face_mode: str = "mask"
-    face_weight: float | None = None  # None: SeFi-IDE's (core.sefi.DEFAULT_WEIGHT)
+    face_mode: Literal["mask", "reference"] = "mask"
+    face_weight: float = DEFAULT_WEIGHT
     stages: int | None = None  # per-stage key/value tokens (SeFi-IDE-style), sampled stage by stage
 
     @property
@@ -124,8 +125,7 @@ def face_loss_of(method: Method) -> FaceLoss | None:
     """The method's face-wise attention loss setting, or None."""
     if not method.face_loss:
         return None
-    weight = {} if method.face_weight is None else {"weight": method.face_weight}
-    return FaceLoss(mode=method.face_mode, **weight).check()
+    return FaceLoss(mode=method.face_mode, weight=method.face_weight).check()
 
 
 def train_identity(
