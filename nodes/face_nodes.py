@@ -131,7 +131,8 @@ class FaceAttentionLoss:
                 )}),
                 "weight": ("FLOAT", {"default": DEFAULT_WEIGHT, "min": 0.0, "max": 10.0, "step": 0.001, "tooltip": (
                     f"How strongly the loss counts next to the diffusion loss; {DEFAULT_WEIGHT} is SeFi-IDE's. Larger "
-                    "values hold the attention on the face harder but can cost likeness."
+                    "values hold the attention on the face harder but can cost likeness (on the pack's lab model 0.03 "
+                    "kept more of the prompts' edits at the same likeness, 0.3 cost likeness; docs/LIKENESS.md)."
                 )}),
                 "layers": (list(LAYER_CHOICES), {"default": "default", "tooltip": (
                     "default: the cross-attention layers at a quarter of the latent's size (16x16 at 512 px for SD1.x, "
