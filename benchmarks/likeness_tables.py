@@ -34,7 +34,7 @@ def load_runs(paths: Sequence[Path]) -> tuple[list[dict], list[dict], list[str]]
         headers.append({"file": str(path), **{k: v for k, v in report.items() if k != "rows"}})
         for row in report["rows"]:
             row = {"seed": 0, **row}  # runs before training seeds were recorded trained with seed 0
-            rows_by_key[(row["method"], int(row["subject"]), int(row.get("seed", 0)))] = row
+            rows_by_key[(row["method"], int(row["subject"]), int(row["seed"]))] = row
     names = list(dict.fromkeys(method for method, _, _ in rows_by_key))
     rows = sorted(rows_by_key.values(), key=lambda r: (names.index(r["method"]), int(r["subject"]), int(r["seed"])))
     return headers, rows, names
