@@ -586,8 +586,8 @@ def table(result: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    """Parse arguments, run, print the table and the JSON."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd1", help="sd1, sd2, sd2_v, sdxl (core/configs) or tiny, tiny-sdxl, ...")
     parser.add_argument("--resolution", type=int, default=128)
@@ -608,7 +608,12 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of a step (VAE, text, UNet, table)")
     parser.add_argument("--profile", action="store_true", help="also profile one step of each loop (top ops)")
     parser.add_argument("--json", default=None, help="also write the result to this file")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    """Parse arguments, run, print the table and the JSON."""
+    args = build_parser().parse_args()
     result = compare(
         model=args.model, resolution=args.resolution, batch_size=args.batch_size, warmup=args.warmup,
         steps=args.steps, rounds=args.rounds, device=args.device, seed=args.seed, preset=args.preset,

@@ -1,0 +1,134 @@
+"""The prepared GPU session cannot rot: its checks run on the CPU, its parts parse, its budget holds, its tables add up."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare_baseline, gpu_checks, gpu_session
+from benchmarks.gpu_checks import CHECKS, NEEDS_CUDA, failures, run_checks
+from benchmarks.gpu_session import PARTS, QUICK, Part, install_wheels, run_session
+from benchmarks.gpu_tables import mode_rows, summary
+from core import precision
+
+CUDA_ONLY = {"no_host_sync", "out_of_memory_keeps_rows", "compile_matches_eager"}
+
+
+@pytest.fixture(scope="module")
+def cpu_checks() -> dict[str, object]:
+    """Every check, once, on the CPU."""
+    return run_checks("cpu", log=lambda _: None)
+
+
+def test_checks_pass_on_the_cpu_and_say_which_need_cuda(cpu_checks: dict[str, object]) -> None:
+    results = cpu_checks["checks"]
+    assert set(results) == set(CHECKS) and not failures(cpu_checks)
+    for name, entry in results.items():
+        assert entry["status"] == (NEEDS_CUDA if name in CUDA_ONLY else "pass"), (name, entry)
+    precision_numbers = results["half_precision_gradient"]
+    assert precision_numbers["fp16"]["loss_scaled"] and not precision_numbers["bf16"]["loss_scaled"]
+    assert results["face_loss_half_precision"]["face_term_share"] > 0.01
+
+
+def test_a_broken_loss_scaler_fails_its_check_and_the_rest_still_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision.LossScaler, "update", lambda self, ok: None)  # never lowers the scale on overflow
+    monkeypatch.setitem(CHECKS, "unet_stays", lambda device: 1 / 0)
+    result = run_checks("cpu", only=("fp16_overflow_skips", "unet_stays", "micro_batches"), log=lambda _: None)
+    checks = result["checks"]
+    assert checks["fp16_overflow_skips"]["status"].startswith("FAIL: the scale is")
+    assert checks["unet_stays"]["status"].startswith("FAIL: ZeroDivisionError") and "traceback" in checks["unet_stays"]
+    assert checks["micro_batches"]["status"] == "pass"
+    assert failures(result) == ["fp16_overflow_skips", "unet_stays"]
+
+
+def test_unknown_check_is_refused() -> None:
+    with pytest.raises(SystemExit, match="unknown check"):
+        run_checks("cpu", only=("no_such_check",))
+
+
+PARSERS = {"benchmarks.compare_baseline": compare_baseline.build_parser, "benchmarks.gpu_checks": gpu_checks.build_parser}
+
+
+@pytest.mark.parametrize("part", [*PARTS, *QUICK], ids=lambda p: p.name)
+def test_every_session_part_is_a_command_its_script_accepts(part: Part) -> None:
+    assert part.args[0] == "-m" and part.args[1] in PARSERS
+    args = [a.replace("{out}", "/out") for a in part.args[2:]]
+    parsed = PARSERS[part.args[1]]().parse_args(args)
+    assert parsed.json == f"/out/{part.output}"
+    if part in PARTS:
+        assert parsed.device == "cuda"
+
+
+def test_the_session_fits_a_device_run() -> None:
+    """The parts' limits add up to less than one device command (600 s), so a run cut short is the budget's doing."""
+    assert sum(p.seconds for p in PARTS) + gpu_session.RESERVE_S < 600
+    assert len(PARTS) + 3 <= 8  # env.json, session.log and summary.md too: the device returns at most 8 files
+
+
+def test_session_runs_parts_in_order_within_the_budget(tmp_path: Path) -> None:
+    parts = (
+        Part("fast", ("-c", "print('fast part ran')"), 10),
+        Part("slow", ("-c", "import time; time.sleep(60)"), 4),
+        Part("late", ("-c", "print('late part ran')"), 10),
+    )
+    session = run_session(tmp_path, parts, budget_s=38, wheels=tmp_path / "none")
+    assert session["parts"]["fast"].startswith("ok in")
+    assert session["parts"]["slow"].startswith("timed out after 4 s")
+    assert session["parts"]["late"] == "not run: the budget was spent"  # 38 - 15 reserve - ~4 s leaves under 20 s
+    log = (tmp_path / "session.log").read_text(encoding="utf-8")
+    assert "fast part ran" in log and "late part ran" not in log and "no wheels in" in log
+    assert json.loads((tmp_path / "env.json").read_text(encoding="utf-8"))["python"]
+    assert "Parts: fast: ok" in (tmp_path / "summary.md").read_text(encoding="utf-8")
+
+
+def _wheel(folder: Path, package: str = "it_probe_pkg") -> Path:
+    """A minimal pure-Python wheel of one module that prints where it was imported from."""
+    path = folder / f"{package}-1.0-py3-none-any.whl"
+    files = {f"{package}/__init__.py": b"LOADED = 'from the carried wheel'\n",
+             f"{package}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0\n".encode(),
+             f"{package}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = [f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}"
+              for name, data in files.items()]
+    files[f"{package}-1.0.dist-info/RECORD"] = ("\n".join([*record, f"{package}-1.0.dist-info/RECORD,,"]) + "\n").encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_carried_wheels_are_installed_for_the_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels)
+    monkeypatch.setenv("PYTHONPATH", "")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    said = install_wheels(wheels, tmp_path / "site")
+    assert said.startswith("installed it_probe_pkg-1.0-py3-none-any.whl")
+    child = subprocess.run([sys.executable, "-c", "import it_probe_pkg; print(it_probe_pkg.LOADED)"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "from the carried wheel"
+
+
+def test_summary_turns_a_result_into_the_gpu_table_rows(tmp_path: Path, cpu_checks: dict[str, object]) -> None:
+    result = compare_baseline.compare(
+        model="tiny", resolution=32, batch_size=2, warmup=1, steps=1, rounds=1, flops=False, log=lambda _: None,
+        modes=("default", "micro1"),
+    )
+    (tmp_path / "tiny_32.json").write_text(json.dumps(result), encoding="utf-8")
+    (tmp_path / "checks.json").write_text(json.dumps(cpu_checks), encoding="utf-8")
+    rows = mode_rows(result)
+    assert [r.split(" | ")[3] for r in rows] == ["default", "micro-batch 1"]
+    micro = result["modes"]["micro1"]
+    want = micro["setup_s"] + compare_baseline.CROSS_INIT_STEPS * micro["step_s"]
+    assert f"{want:.1f} s" in rows[1] and "n/a on the CPU" in rows[1]
+    assert f"| {result['loops']['pack']['ratio_vs_baseline (bf16)']}x |" in rows[0]  # auto chose the default mode
+    assert not rows[1].endswith("x |")
+    text = summary(tmp_path)
+    assert "| no_host_sync | not run: needs CUDA |" in text and "## tiny_32.json" in text and rows[1] in text
