@@ -38,14 +38,16 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.baseline_ti import MIXED_PRECISION, BaselineTI, cast_copy, family_of, random_components
+from benchmarks.gpu_tables import loops_table
+from benchmarks.json_out import write_json
 from core.backends.diffusers import place_components
 from core.models import compute_dtype, resolve_device
 from core.templates import training_prompts
 from core.tiny import model_from_components
-from core.trainer import TrainConfig, Trainer, preset_config
+from core.trainer import PRESETS, TrainConfig, Trainer, preset_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CROSS_INIT_STEPS, FAST_STEPS = 320, 25  # the cross_init and cross_init_fast presets
+CROSS_INIT_STEPS, FAST_STEPS = PRESETS["cross_init"]["steps"], PRESETS["cross_init_fast"]["steps"]  # 320 and 25
 MODES: dict[str, list[dict[str, object]]] = {  # mode -> TrainConfig overrides; the first whose fields all exist is used
     "default": [{"memory": "default"}, {}],
     "checkpointing": [{"memory": "checkpointing"}, {"gradient_checkpointing": True}],
@@ -153,7 +155,10 @@ class PackRunner:
         started = time.perf_counter()
         self.trainer = Trainer(model, images, dataclasses.replace(config, attention_maps=False))  # the steps only, no heatmap
         sync(device)
-        self.setup_s = time.perf_counter() - started
+        planned = time.perf_counter()
+        self.trainer.plan_memory()  # run() plans again, from the estimator's cache: a user's first run pays this once
+        self.plan_s = time.perf_counter() - planned
+        self.setup_s = time.perf_counter() - started  # encoding the photos, the start rows, and the memory plan
         self.batch_size = config.batch_size
         self.dtype = model.denoiser.dtype if hasattr(model.denoiser, "dtype") else next(model.denoiser.unet.parameters()).dtype
 
@@ -332,6 +337,14 @@ def build_pack_model(family: str, master: dict[str, object], device: torch.devic
     return model_from_components(family, place_components(parts, device, dtype), name=name)
 
 
+def time_to_identity(setup_s: float, step_s: float) -> dict[str, float]:
+    """Seconds to a Cross-Init identity and to a fast one: the set-up plus the preset's steps at step_s (extrapolated)."""
+    return {
+        f"cross_init_{CROSS_INIT_STEPS}_steps_s": round(setup_s + CROSS_INIT_STEPS * step_s, 1),
+        f"fast_{FAST_STEPS}_steps_s": round(setup_s + FAST_STEPS * step_s, 1),
+    }
+
+
 def mode_config(config: TrainConfig, mode: str) -> TrainConfig | str:
     """The config for a memory mode, or 'not available (...)' when TrainConfig has none of the fields it needs."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -343,9 +356,13 @@ def mode_config(config: TrainConfig, mode: str) -> TrainConfig | str:
 
 
 def measure_modes(
-    modes: list[str], model: object, images: torch.Tensor, config: TrainConfig, warmup: int, steps: int, device: torch.device
+    modes: list[str], model: object, images: torch.Tensor, config: TrainConfig, warmup: int, steps: int, device: torch.device,
+    on_mode: Callable[[dict[str, dict[str, object]]], None] = lambda _: None,
 ) -> dict[str, dict[str, object]]:
-    """The pack alone in each mode: steps/s, samples/s, and on CUDA the peak memory of training (set-up apart)."""
+    """The pack alone in each mode: steps/s, samples/s, and on CUDA the peak memory of training (set-up apart).
+
+    on_mode gets the modes measured so far after each one.
+    """
     results: dict[str, dict[str, object]] = {}
     for mode in modes:
         cfg = mode_config(config, mode)
@@ -369,6 +386,7 @@ def measure_modes(
                 samples_per_s=round(steps * config.batch_size / took, 3),
                 step_s=round(took / steps, 4),
                 setup_s=round(runner.setup_s, 2),
+                time_to_identity_extrapolated=time_to_identity(runner.setup_s, took / steps),
                 **runner.plan(),
             )
             if device.type == "cuda":
@@ -383,6 +401,7 @@ def measure_modes(
             entry = {"status": "out of memory"}
         results[mode] = entry
         print(f"mode {mode}: {entry}", flush=True)
+        on_mode(results)
     return results
 
 
@@ -462,10 +481,12 @@ def compare(
     n_images: int = 4,
     log: Callable[[str], None] = print,
     components: dict[str, object] | None = None,
+    save: Callable[[dict[str, object]], None] = lambda _: None,
 ) -> dict[str, object]:
     """Run the comparison and return every number (see the module docstring).
 
     components: float32 components of `model` on the device as random_components gives them (built when None).
+    save: gets the result so far after the side-by-side loops and after each memory mode (a run cut short keeps them).
     """
     dev = resolve_device(device)
     info = header(dev)
@@ -502,6 +523,7 @@ def compare(
     del master  # each loop holds what it uses; the float32 master goes once no loop needs it
     runners.insert(0, PackRunner(pack_model, images, config))
     info["pack_setup_s"] = round(runners[0].setup_s, 2)
+    info["pack_memory_plan_s"] = round(runners[0].plan_s, 2)  # inside the set-up; the estimate on CUDA, cold here
     info["pack_config"] = {k: getattr(config, k) for k in ("memory", "micro_batch_size", "compile") if hasattr(config, k)}
     other = None
     for extra in extra_pack_dtypes:  # the pack with the model placed in another dtype, for information
@@ -552,38 +574,22 @@ def compare(
     if pack["status"] == "ok":
         info["time_to_identity_extrapolated"] = {
             "note": "pack set-up (measured) + steps x the measured mean step time; not a measured full run",
-            f"cross_init_{CROSS_INIT_STEPS}_steps_s": round(runners[0].setup_s + CROSS_INIT_STEPS * pack["step_s"], 1),
-            f"fast_{FAST_STEPS}_steps_s": round(runners[0].setup_s + FAST_STEPS * pack["step_s"], 1),
+            **time_to_identity(runners[0].setup_s, pack["step_s"]),
         }
     live.clear()
     runners.clear()  # every loop's weights and state go: the per-mode peaks below are the pack's alone
     runner = other = None  # noqa: F841 - the loop variables held the last loop (and extra model) alive
     free(dev)
-    mode_results = measure_modes(modes, pack_model, images, config, warmup, steps * rounds, dev) if modes else {}
+    save({"info": info, "loops": results, "modes": {}})
+    mode_results = {}
+    if modes:
+        mode_results = measure_modes(
+            modes, pack_model, images, config, warmup, steps * rounds, dev,
+            on_mode=lambda so_far: save({"info": info, "loops": results, "modes": so_far}),
+        )
     if hasattr(os, "getloadavg"):
         info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return {"info": info, "loops": results, "modes": mode_results}
-
-
-def table(result: dict[str, object]) -> str:
-    """A Markdown table of the loops, as BENCHMARKS.md shows them."""
-    lines = [
-        "| loop | UNet dtype | s/step: mean (each round) | steps/s | samples/s | samples/s ratio (best rounds) | TFLOP/step | achieved TFLOP/s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, e in result["loops"].items():
-        if e.get("status") != "ok":
-            lines.append(f"| {name} | {e['dtype']} | {e.get('status')} | | | | | |")
-            continue
-        ratio = "; ".join(
-            f"{v}x vs {k[9:]} ({e['best_round_ratio_vs_' + k[9:]]}x)" for k, v in e.items() if k.startswith("ratio_vs_")
-        )
-        lines.append(
-            f"| {name} | {e['dtype']} | {e['step_s']} ({', '.join(map(str, e['round_step_s']))}) | {e['steps_per_s']} "
-            f"| {e['samples_per_s']} | {ratio} | {e.get('tflop_per_step', e.get('flops_per_step', ''))} "
-            f"| {e.get('achieved_tflops', '')} |"
-        )
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -614,19 +620,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     """Parse arguments, run, print the table and the JSON."""
     args = build_parser().parse_args()
+    save = (lambda so_far: write_json(args.json, so_far)) if args.json else (lambda _: None)
     result = compare(
         model=args.model, resolution=args.resolution, batch_size=args.batch_size, warmup=args.warmup,
         steps=args.steps, rounds=args.rounds, device=args.device, seed=args.seed, preset=args.preset,
         pack_dtype=args.pack_dtype, pack_compile=args.pack_compile, baseline_modes=tuple(args.baseline_modes.split(",")),
         baseline_mixed=args.baseline_mixed, modes=None if args.modes is None else tuple(m for m in args.modes.split(",") if m),
         flops=not args.no_flops, parts_breakdown=args.breakdown, profile=args.profile,
-        extra_pack_dtypes=tuple(d for d in args.extra_pack_dtype.split(",") if d),
+        extra_pack_dtypes=tuple(d for d in args.extra_pack_dtype.split(",") if d), save=save,
     )
-    print(table(result))
+    print(loops_table(result))
     print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+    save(result)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,15 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.json_out import write_json
+from core.acceleration import CompileTimer
 from core.backends.diffusers import place_components
+from core.checkpointing import is_checkpointed
 from core.identity import Identity
 from core.models import resolve_device
 from core.protocols import Model
@@ -112,22 +115,61 @@ def check_fp16_overflow_skips(device: torch.device) -> dict[str, object]:
     return {"applied": applied, "scale_after": scale}
 
 
-def check_micro_batches(device: torch.device) -> dict[str, object]:
-    """Micro-batches of 1 and 3 over a batch of 5 give the full batch's loss and row gradient."""
+def _gradients(device: torch.device, runs: dict[str, dict[str, object]], batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """One step's row gradient per named run, every run on the same batch and in strict float32.
+
+    A run is TrainConfig overrides plus, under the key "within", a function of the model giving a context (the
+    denoiser's checkpointing or compiled forward) the step runs in. Gradients, not rows after several AdamW steps, are
+    compared: AdamW's first steps move each row element by about the learning rate whatever its gradient's size, so
+    rounding noise on a near-zero element would show as a large difference in the rows.
+    """
     model = tiny_on(device)
-    whole = trainer_on(model, batch_size=5, reg_weight=0.5)
-    batch = whole.sample_batch()
-    want_loss = float(whole.step(batch))
-    want = whole.rows["clip_l"].grad.detach().clone()
-    out: dict[str, object] = {}
-    for size in (1, 3):
-        micro = trainer_on(model, batch_size=5, reg_weight=0.5, micro_batch_size=size)
-        loss = float(micro.step(batch))
-        error, _ = relative_error(micro.rows["clip_l"].grad, want)
-        loss_error = abs(loss - want_loss) / want_loss
-        out[f"micro_{size}"] = {"loss_relative_error": loss_error, "gradient_relative_error": error}
-        expect(loss_error < 1e-5 and error < 1e-4, f"micro-batch {size}: loss {loss_error:.2e}, gradient {error:.2e}")
+    batch = trainer_on(model, batch_size=batch_size).sample_batch()
+    out: dict[str, torch.Tensor] = {}
+    with strict_float32():
+        for name, run in runs.items():
+            overrides = {k: v for k, v in run.items() if k != "within"}
+            trainer = trainer_on(model, batch_size=batch_size, reg_weight=0.5, **overrides)
+            within = run.get("within")
+            with within(model) if within is not None else nullcontext():
+                trainer.step(batch)
+            out[name] = trainer.rows["clip_l"].grad.detach().clone()
     return out
+
+
+def _compare_gradients(grads: dict[str, torch.Tensor], bound: float) -> dict[str, object]:
+    """Each run's gradient against the first's: relative errors, each under bound."""
+    (reference, want), *others = grads.items()
+    out: dict[str, object] = {}
+    for name, got in others:
+        error, cosine = relative_error(got, want)
+        out[name] = {"gradient_relative_error": error, "cosine": round(cosine, 8)}
+        expect(error < bound, f"{name}: the row gradient differs from {reference}'s by {error:.2e} (bound {bound:.0e})")
+    return out
+
+
+def check_micro_batches(device: torch.device) -> dict[str, object]:
+    """Micro-batches of 1 and 3 over a batch of 5 give the full batch's row gradient."""
+    runs = {"whole batch": {}, "micro-batch 1": {"micro_batch_size": 1}, "micro-batch 3": {"micro_batch_size": 3}}
+    return _compare_gradients(_gradients(device, runs, batch_size=5), 1e-4)
+
+
+@contextmanager
+def _checkpointed(model: Model) -> Iterator[None]:
+    """The denoiser's gradient checkpointing, seen to wrap the UNet's layers."""
+    with model.denoiser.checkpointing():
+        expect(any(is_checkpointed(m) for m in model.denoiser.unet.modules()), "checkpointing wrapped no UNet layer")
+        yield
+
+
+def check_checkpointing(device: torch.device) -> dict[str, object]:
+    """Gradient checkpointing, alone and with micro-batch 1 (the low mode), gives the default step's gradient."""
+    runs = {
+        "default": {},
+        "checkpointing": {"within": _checkpointed},
+        "checkpointing + micro-batch 1": {"within": _checkpointed, "micro_batch_size": 1},
+    }
+    return _compare_gradients(_gradients(device, runs), 1e-4)
 
 
 def _rows_after(device: torch.device, steps: int = 3, **overrides: object) -> tuple[torch.Tensor, Trainer]:
@@ -138,26 +180,15 @@ def _rows_after(device: torch.device, steps: int = 3, **overrides: object) -> tu
     return result.identity.rows["clip_l"], trainer
 
 
-def check_checkpointing(device: torch.device) -> dict[str, object]:
-    """The checkpointing and low-memory modes train to the default mode's rows."""
-    want, _ = _rows_after(device)
-    out: dict[str, object] = {}
-    for memory in ("checkpointing", "low"):
-        got, trainer = _rows_after(device, memory=memory)
-        expect(trainer.memory_plan.checkpointing, f"{memory}: the plan has no checkpointing")
-        error, _ = relative_error(got, want)
-        out[memory] = {"rows_relative_error": error}
-        expect(error < 1e-4, f"{memory}: rows differ from the default mode's by {error:.2e}")
-    return out
-
-
 def check_same_seed_same_rows(device: torch.device) -> dict[str, object]:
-    """Two runs with one seed on one device type: the same rows (reported exactly and as a relative error)."""
+    """Two runs with one seed on one device type: the same rows (exactly on the CPU; CUDA may differ in rounding)."""
     first, _ = _rows_after(device, steps=4)
     second, _ = _rows_after(device, steps=4)
     error, _ = relative_error(second, first)
     out = {"bitwise_equal": bool(torch.equal(first, second)), "rows_relative_error": error}
-    expect(error < 1e-5, f"rows differ by {error:.2e} between two runs with one seed")
+    if device.type == "cpu":
+        expect(out["bitwise_equal"], f"CPU rows differ by {error:.2e} between two runs with one seed")
+    expect(error < 1e-3, f"rows differ by {error:.2e} between two runs with one seed")
     return out
 
 
@@ -272,16 +303,14 @@ def check_face_loss_half_precision(device: torch.device) -> dict[str, object]:
 
 
 def check_compile_matches_eager(device: torch.device) -> dict[str, object]:
-    """torch.compile of the UNet trains to eager's rows, without falling back; the first call's seconds."""
+    """torch.compile of the UNet gives eager's row gradient, with a graph compiled (no fallback); the first call's seconds."""
     if device.type != "cuda":
         return {"status": NEEDS_CUDA}
-    want, _ = _rows_after(device)
-    got, trainer = _rows_after(device, compile=True)
-    timer = trainer.compile_timer
-    error, _ = relative_error(got, want)
-    out = {"fell_back": timer.fell_back or "", "first_call_s": timer.first_call_seconds, "rows_relative_error": error}
+    timer = CompileTimer()
+    runs = {"eager": {}, "compiled": {"within": lambda model: model.denoiser.compiled(timer)}}
+    out = _compare_gradients(_gradients(device, runs), 1e-3)
+    out.update(fell_back=timer.fell_back, first_call_s=timer.first_call_seconds)
     expect(not timer.fell_back, f"compile fell back: {timer.fell_back}")
-    expect(error < 1e-3, f"compiled rows differ from eager by {error:.2e}")
     return out
 
 
@@ -299,8 +328,14 @@ CHECKS: dict[str, Callable[[torch.device], dict[str, object]]] = {
 }
 
 
-def run_checks(device: str = "auto", only: tuple[str, ...] = (), log: Callable[[str], None] = print) -> dict[str, object]:
-    """Run the checks (all, or those named in only) on device; each result has status pass, FAIL, or not run."""
+def run_checks(
+    device: str = "auto", only: tuple[str, ...] = (), log: Callable[[str], None] = print,
+    save: Callable[[dict[str, object]], None] | None = None,
+) -> dict[str, object]:
+    """Run the checks (all, or those named in only) on device; each result has status pass, FAIL, or not run.
+
+    save, when given, gets the results so far after each check, so a run cut short keeps the checks it finished.
+    """
     unknown = sorted(set(only) - set(CHECKS))
     if unknown:
         raise SystemExit(f"--only: unknown check(s) {unknown}; choose from {sorted(CHECKS)}")
@@ -322,6 +357,8 @@ def run_checks(device: str = "auto", only: tuple[str, ...] = (), log: Callable[[
         entry["seconds"] = round(time.perf_counter() - started, 2)
         results[name] = entry
         log(f"{name}: {entry['status']} ({entry['seconds']} s)")
+        if save is not None:
+            save({"info": info, "checks": results})
     return {"info": info, "checks": results}
 
 
@@ -342,11 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     """Parse arguments, run the checks, print and save them; exit 1 when one failed."""
     args = build_parser().parse_args()
-    result = run_checks(args.device, tuple(args.only))
+    save = (lambda so_far: write_json(args.json, so_far)) if args.json else None
+    result = run_checks(args.device, tuple(args.only), save=save)
     print(json.dumps(result, indent=2, default=str))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2, default=str)
     sys.exit(1 if failures(result) else 0)
 
 

@@ -1,12 +1,13 @@
 """The one prepared run for a lent GPU (issue 7): install the carried wheels, check, benchmark, all inside a budget.
 
 A GPU is lent to few tasks, for 15 minutes of device time in all, a start included. So everything the issue asks a
-GPU for runs from this one command, in order of worth, each part under its own time limit, each writing its JSON as it
-ends: a run cut short still returns what it measured. Here, once, where PyPI is reachable:
+GPU for runs from this one command, in order of worth, each part under its own time limit and starting only with half
+of it left, each writing its JSON as it goes (after every check, after the side-by-side loops and after every memory
+mode): a run cut short still returns what it measured. Here, once, where PyPI is reachable:
 
     python -m benchmarks.gpu_session --download-wheels       # diffusers and what the device image lacks, into .whl/
 
-Then the device tool's run, with carry [".whl"] and timeout_s 480:
+Then the device tool's run, with carry [".whl"] and timeout_s 480 (DEVICE_TIMEOUT_S):
 
     python3 -m benchmarks.gpu_session --out "$OUT"
 
@@ -28,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.gpu_tables import summary
+
 WHEELS = Path(".whl")
 SITE = Path("/tmp/identity_tokens_site")  # where the carried wheels are installed on the device
 # What the device image lacks (KINDS.md lists its packages): diffusers, importlib_metadata (diffusers imports it) and
@@ -36,6 +39,7 @@ CARRIED = ("diffusers", "importlib_metadata", "open_clip_torch")
 RESERVE_S = 15  # kept back from the budget for the summary and the copy home
 # 7.5 minutes: with a start of 1-3 minutes, 15 minutes of device time leave room to rerun a part that failed early.
 BUDGET_S = 450
+DEVICE_TIMEOUT_S = 480  # the device tool's timeout_s for the session: the budget, Python's start and the copy home
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,13 @@ class Part:
 
     name: str
     args: tuple[str, ...]
-    seconds: int
+    seconds: int  # its limit: it is stopped after this long
     output: str = ""  # the JSON file it writes under {out}, if any
+
+    @property
+    def min_seconds(self) -> int:
+        """It starts only with this long left: less would stop it before it measured anything worth the time."""
+        return self.seconds // 2
 
 
 def _compare(name: str, seconds: int, *args: str) -> Part:
@@ -61,7 +70,7 @@ PARTS: tuple[Part, ...] = (
     _compare("sdxl_1024", 180, "--model", "sdxl", "--resolution", "1024", "--warmup", "2", "--steps", "3", "--rounds", "2"),
     _compare("sd1_512_compile", 120, "--model", "sd1", "--resolution", "512", "--warmup", "2", "--steps", "5",
              "--rounds", "2", "--pack-compile", "--baseline-modes", "mixed", "--modes", "", "--no-flops"),
-)  # 525 s with the reserve: a device command may run 600 s, and the default budget (450 s) cuts the last part short
+)  # limits, not durations: 530 s in all, so the default budget runs the compile part only if the others end early
 QUICK: tuple[Part, ...] = (  # the same plumbing on the CPU with tiny models, for the tests
     Part("checks", ("-m", "benchmarks.gpu_checks", "--device", "cpu", "--only", "fp16_overflow_skips", "unet_stays",
                     "--json", "{out}/checks.json"), 120, "checks.json"),
@@ -72,15 +81,21 @@ QUICK: tuple[Part, ...] = (  # the same plumbing on the CPU with tiny models, fo
 
 
 def install_wheels(wheels: Path, site: Path = SITE) -> str:
-    """Install the carried wheels into site (no index, no deps) and put it on this process's and children's path."""
+    """Install the carried wheels into site (no index, no deps) and put it on this process's and children's path.
+
+    Returns what it did; a failed install is said, not raised, so the session still records what it can.
+    """
     found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
     if not found:
         return f"no wheels in {wheels}: using what is installed"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-         "--upgrade", "--target", str(site), *map(str, found)],
-        check=True,
-    )
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+               "--upgrade", "--target", str(site), *map(str, found)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"installing the wheels failed: {error}"
+    if done.returncode != 0:
+        return f"installing the wheels failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-2000:]}"
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))
     sys.path.insert(0, str(site))
     return f"installed {', '.join(w.name for w in found)} into {site}"
@@ -138,8 +153,8 @@ def run_session(out: Path, parts: tuple[Part, ...] = PARTS, budget_s: float = BU
     (out / "env.json").write_text(json.dumps(session["environment"], indent=2), encoding="utf-8")
     for part in parts:
         left = budget_s - RESERVE_S - (time.monotonic() - started)
-        if left < 20:
-            session["parts"][part.name] = "not run: the budget was spent"
+        if left < part.min_seconds:
+            session["parts"][part.name] = f"not run: {max(left, 0):.0f} s left of the budget, it needs {part.min_seconds} s"
             continue
         command = [sys.executable, *(a.replace("{out}", str(out)) for a in part.args)]
         begun = time.monotonic()
@@ -148,8 +163,6 @@ def run_session(out: Path, parts: tuple[Part, ...] = PARTS, budget_s: float = BU
         with log.open("a", encoding="utf-8") as handle:
             handle.write(f"== {part.name}: {session['parts'][part.name]}\n")
     session["total_s"] = round(time.monotonic() - started, 1)
-    from benchmarks.gpu_tables import summary  # after the wheels: it reads JSON only, but keeps imports in one place
-
     (out / "summary.md").write_text(summary(out, session), encoding="utf-8")
     return session
 

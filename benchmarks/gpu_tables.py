@@ -1,4 +1,6 @@
-"""The Markdown for BENCHMARKS.md from a GPU session's JSON files (benchmarks.gpu_session), so nothing is copied by hand.
+"""The Markdown for BENCHMARKS.md from benchmark JSON files (benchmarks.gpu_session), so nothing is copied by hand.
+
+JSON in, text out: no torch or diffusers import, so a session whose set-up failed still gets its summary.
 
     python -m benchmarks.gpu_tables /work/.device/<files_at>      # the folder a device run's files came back to
 """
@@ -7,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
-
-from benchmarks.compare_baseline import CROSS_INIT_STEPS, FAST_STEPS
-from benchmarks.compare_baseline import table as loops_table
 
 MODE_NAMES = {"default": "default", "checkpointing": "checkpointing", "micro1": "micro-batch 1",
               "low": "low (checkpointing + micro-batch 1)"}
@@ -18,13 +18,37 @@ ARCHITECTURES = {"sd1": "SD1.5 arch., random weights", "sdxl": "SDXL arch., rand
 
 
 def _load(path: Path) -> dict[str, object] | None:
-    """A JSON file's content, or None when the part did not write it."""
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    """A JSON file's content, or None when the part did not write it (or left it unreadable)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
-def _seconds(value: float) -> str:
-    """Seconds to one decimal."""
-    return f"{value:.1f} s"
+def cell(value: object, limit: int = 300) -> str:
+    """value as one Markdown table cell: one line, no column bar, at most limit characters."""
+    return " ".join(str(value).split()).replace("|", "\\|")[:limit]
+
+
+def loops_table(result: dict[str, object]) -> str:
+    """A Markdown table of the loops, as BENCHMARKS.md shows them."""
+    lines = [
+        "| loop | UNet dtype | s/step: mean (each round) | steps/s | samples/s | samples/s ratio (best rounds) | TFLOP/step | achieved TFLOP/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in result["loops"].items():
+        if e.get("status") != "ok":
+            lines.append(f"| {name} | {e['dtype']} | {cell(e.get('status'))} | | | | | |")
+            continue
+        ratio = "; ".join(
+            f"{v}x vs {k[9:]} ({e['best_round_ratio_vs_' + k[9:]]}x)" for k, v in e.items() if k.startswith("ratio_vs_")
+        )
+        lines.append(
+            f"| {name} | {e['dtype']} | {e['step_s']} ({', '.join(map(str, e['round_step_s']))}) | {e['steps_per_s']} "
+            f"| {e['samples_per_s']} | {ratio} | {e.get('tflop_per_step', e.get('flops_per_step', ''))} "
+            f"| {e.get('achieved_tflops', '')} |"
+        )
+    return "\n".join(lines)
 
 
 def mode_rows(result: dict[str, object]) -> list[str]:
@@ -48,9 +72,10 @@ def mode_rows(result: dict[str, object]) -> list[str]:
         label = MODE_NAMES.get(mode, mode)
         lead = f"| {name} | {info['resolution']} | {info['batch_size']} | {label} |"
         if entry.get("status") != "ok":
-            rows.append(f"{lead} {entry.get('status')} | | | | | | |")
+            rows.append(f"{lead} {cell(entry.get('status'))} | | | | | | |")
             continue
-        step, setup = entry["step_s"], entry.get("setup_s", 0.0)
+        step = entry["step_s"]
+        extrapolated = [f"{seconds:.1f} s" for seconds in entry["time_to_identity_extrapolated"].values()]
         achieved = "not counted"
         if flops is not None and peak:
             achieved = f"{flops / step:.1f} TFLOP/s, {100 * flops / step / peak:.0f} % of {peak:.0f}"
@@ -58,9 +83,12 @@ def mode_rows(result: dict[str, object]) -> list[str]:
         mode_ratio = f"{ratio}x" if ratio is not None and plan and plan.split(";")[0] == chosen.split(";")[0] else ""
         peak_gib = entry.get("peak_gib")
         memory = f"{peak_gib} GiB" if isinstance(peak_gib, (int, float)) else str(peak_gib)
+        estimate = re.search(r"estimated peak ([0-9.]+) GB", plan)  # core.memory's GB are 2**30 bytes
+        if estimate:
+            memory += f" (estimated {estimate.group(1)})"
         rows.append(
             f"{lead} {entry['samples_per_s']} | {entry['steps_per_s']} | {memory} | "
-            f"{_seconds(setup + CROSS_INIT_STEPS * step)} | {_seconds(setup + FAST_STEPS * step)} | {achieved} | "
+            f"{' | '.join(extrapolated)} | {achieved} | "
             f"{mode_ratio} |"
         )
     return rows
@@ -78,7 +106,7 @@ def checks_table(checks: dict[str, object]) -> str:
     lines = ["| check | status | numbers | seconds |", "|---|---|---|---|"]
     for name, entry in checks["checks"].items():
         numbers = {k: v for k, v in entry.items() if k not in ("status", "seconds", "traceback")}
-        lines.append(f"| {name} | {entry['status']} | {json.dumps(numbers)[:300]} | {entry.get('seconds', '')} |")
+        lines.append(f"| {name} | {cell(entry['status'])} | {cell(json.dumps(numbers))} | {entry.get('seconds', '')} |")
     return "\n".join(lines)
 
 

@@ -55,6 +55,16 @@ def compiled_forward(module: torch.nn.Module, timer: CompileTimer) -> Iterator[N
             del module.forward
 
 
+def _frame_counts() -> tuple[int, int]:
+    """Frames dynamo has tried to convert so far, and graphs it compiled (a frame compiled earlier counts in neither).
+
+    A frame whose graph fails in the backend under suppress_errors runs eagerly and adds no graph; a frame without
+    tensor work converts "ok" with no graph either, so the graphs, not the ok frames, tell whether anything compiled.
+    """
+    counters = importlib.import_module("torch._dynamo.utils").counters
+    return counters["frames"]["total"], counters["stats"]["unique_graphs"]
+
+
 def _timed_first_call(compiled: Callable[..., Any], eager: Callable[..., Any], timer: CompileTimer) -> Callable[..., Any]:
     """The compiled forward, timing its first call; if that call raises, the eager forward from then on."""
     state = {"first": True, "use": compiled}
@@ -63,6 +73,7 @@ def _timed_first_call(compiled: Callable[..., Any], eager: Callable[..., Any], t
         if not state["first"]:
             return state["use"](*args, **kwargs)
         state["first"] = False
+        before = _frame_counts()
         start = time.perf_counter()
         try:
             out = compiled(*args, **kwargs)
@@ -72,6 +83,11 @@ def _timed_first_call(compiled: Callable[..., Any], eager: Callable[..., Any], t
             state["use"] = eager
             return eager(*args, **kwargs)
         timer.first_call_seconds = time.perf_counter() - start
+        tried, graphs = (after - was for after, was in zip(_frame_counts(), before))
+        if tried and not graphs:  # dynamo's suppress_errors ran every frame eagerly (its warnings say why)
+            timer.fell_back = f"no graph compiled: dynamo ran the forward's {tried} frame(s) eagerly; see its warnings"
+            log.warning("compile: %s; training without it", timer.fell_back)
+            return out
         log.info("compile: first compiled forward took %.1f s (compilation included)", timer.first_call_seconds)
         return out
 

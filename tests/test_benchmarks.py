@@ -18,7 +18,7 @@ from benchmarks.compare_baseline import (
     matmul_peak,
     mode_config,
 )
-from benchmarks.compare_baseline import table as markdown_table
+from benchmarks.gpu_tables import loops_table as markdown_table
 from core.templates import training_prompts
 from core.trainer import TrainConfig, preset_config
 

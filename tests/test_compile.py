@@ -61,3 +61,18 @@ def test_compiled_forward_that_fails_runs_eagerly(images: torch.Tensor, monkeypa
     assert "codegen failed" in identity.metadata["compile"]
     for key, rows in expected.rows.items():
         torch.testing.assert_close(identity.rows[key], rows)
+
+
+def test_a_graph_that_fails_inside_dynamo_is_reported_as_a_fallback(images: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With suppress_errors, a backend failure runs the frame eagerly without raising: the file must not say 'on'."""
+
+    def failing_backend(_graph: torch.fx.GraphModule, _inputs: list) -> None:
+        raise RuntimeError("backend: no kernel for this op")
+
+    torch._dynamo.reset()  # no frame of the UNet compiled by an earlier test may be reused
+    monkeypatch.setattr(acceleration, "COMPILE_BACKEND", failing_backend)
+    _, expected = _train(images, False)
+    _, identity = _train(images, True)
+    assert identity.metadata["compile"].startswith("fell back: no graph compiled"), identity.metadata["compile"]
+    for key, rows in expected.rows.items():
+        torch.testing.assert_close(identity.rows[key], rows)
