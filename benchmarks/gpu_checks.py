@@ -354,7 +354,7 @@ def run_checks(
         except CheckFailed as failure:
             entry = {"status": f"FAIL: {failure}"}
         except Exception as error:  # noqa: BLE001 - a crash is a failed check; the others still run
-            entry = {"status": f"FAIL: {type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=6)}
+            entry = {"status": f"FAIL: {type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=-8)}
         entry["seconds"] = round(time.perf_counter() - started, 2)
         results[name] = entry
         log(f"{name}: {entry['status']} ({entry['seconds']} s)")

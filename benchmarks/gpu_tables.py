@@ -118,8 +118,6 @@ def summary(folder: Path, session: dict[str, object] | None = None) -> str:
         parts.append("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     if session:
         parts.append("Parts: " + "; ".join(f"{k}: {v}" for k, v in session["parts"].items()))
-    if _load(folder / "checks.json") is None:
-        parts.append("## checks.json\n\nnot written (see session.log)")
     mode_lines: list[str] = []
     for path in sorted(folder.glob("*.json")):
         result = _load(path)

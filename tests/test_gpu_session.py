@@ -80,19 +80,19 @@ def test_the_session_fits_the_device_run_it_documents() -> None:
 
 def test_session_runs_parts_in_order_within_the_budget(tmp_path: Path) -> None:
     parts = (
-        Part("fast", ("-c", "print('fast part ran')"), 10),
+        Part("fast", ("-c", "import os; print('fast part ran', os.environ['PROBE'])"), 10, "fast.json", (("PROBE", "x1"),)),
         Part("slow", ("-c", "import time; time.sleep(60)"), 4),
         Part("late", ("-c", "print('late part ran')"), 40),
         Part("short", ("-c", "print('short part ran')"), 2),
     )
     session = run_session(tmp_path, parts, budget_s=38, wheels=tmp_path / "none")
-    assert session["parts"]["fast"].startswith("ok in")
+    assert session["parts"]["fast"].startswith("ok in") and session["parts"]["fast"].endswith("no fast.json written (see session.log)")
     assert session["parts"]["slow"].startswith("timed out after 4 s")
     # 38 s - 15 s reserve - ~4 s leaves ~19 s: under the late part's minimum (20 s), over the short one's (1 s)
     assert session["parts"]["late"].startswith("not run: 19 s left of the budget, it needs 20 s")
     assert session["parts"]["short"].startswith("ok in")
     log = (tmp_path / "session.log").read_text(encoding="utf-8")
-    assert "fast part ran" in log and "late part ran" not in log and "short part ran" in log and "no wheels in" in log
+    assert "fast part ran x1" in log and "late part ran" not in log and "short part ran" in log and "no wheels in" in log
     assert json.loads((tmp_path / "env.json").read_text(encoding="utf-8"))["python"]
     assert "Parts: fast: ok" in (tmp_path / "summary.md").read_text(encoding="utf-8")
 
@@ -210,9 +210,10 @@ def test_the_comfyui_checks_pass_on_the_cpu(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     checks = json.loads(out.read_text(encoding="utf-8"))["checks"]
     assert set(checks) == set(gpu_comfy_check.COMFY_CHECKS) and all(c["status"] == "pass" for c in checks.values())
-    assert checks["photos_encoded_before_the_unet_loads"]["load_order"][:2] == ["AutoencoderKL", "BaseModel"]
+    assert checks["photos_encoded_before_the_unet_loads"]["events"][:2] == ["load AutoencoderKL", "load BaseModel"]
     text = summary(tmp_path)
-    assert "## comfy.json" in text and "| identity_applies | pass |" in text and "checks.json\n\nnot written" in text
+    assert "## comfy.json" in text and "| identity_applies | pass |" in text
+    assert checks["unet_loaded_by_a_sampler_is_kept"]["events"] == ["load AutoencoderKL", "load TinySD1ClipModel"]
 
 
 def test_without_a_comfyui_folder_every_comfy_check_says_so(tmp_path: Path) -> None:
