@@ -55,10 +55,10 @@ class ComfyRun:
     after_sampler: the UNet is loaded first, as a KSampler earlier in the graph leaves it.
     """
 
-    def __init__(self, device: torch.device, after_sampler: bool = False) -> None:
+    def __init__(self, after_sampler: bool = False) -> None:
         from tests.comfy_tiny import build
 
-        self.mm, self.device = start_comfy(), device
+        self.mm = start_comfy()
         from identity_tokens.nodes import identity_nodes
 
         self.tiny = build("sd1", Path(tempfile.mkdtemp(prefix="comfy-check-embeddings-")))
@@ -127,7 +127,7 @@ def comfy_run(device: torch.device, after_sampler: bool = False) -> ComfyRun:
     key = "after_sampler" if after_sampler else "fresh"
     if key not in _RUNS:
         try:
-            _RUNS[key] = ComfyRun(device, after_sampler)
+            _RUNS[key] = ComfyRun(after_sampler)
         except Exception as error:  # noqa: BLE001 - every check that needs the run reports it
             trace = traceback.format_exc()
             print(trace, flush=True)  # into session.log whole
